@@ -1,0 +1,127 @@
+"""DCSS hyperparameters and the two presets.
+
+``preset="paper"`` is the published recipe: m 1.5, lambda 0.1, zeta 0.8, gamma 0.2, T1 2, T2 5, an MLP
+autoencoder F-500-500-2000-d, MNet 128-128, pairs only within the batch, self-pairs counted. The optimizer
+settings (Adam, lr 1e-3 for pretraining and Phase 2, 1e-4 for Phase 1, mean-reduced losses) are ours: the
+official code's SGD at lr 1e-6 on a summed loss makes the step size depend on the dataset size.
+
+``preset="default"`` keeps the method and its loss functions and changes what the paper leaves fragile, each
+choice made without labels:
+
+* ``m = 1.2``: with m 1.5 the fuzzy c-means updates drag the centers together on small data; 1.2 keeps them apart.
+* A convolutional autoencoder for images, pretrained as a denoising autoencoder (reconstruct ``x`` from an
+  augmented view), so that ``u`` is already invariant to small warps.
+* Known positive pairs in Phase 2: two augmented views of one sample, and a sample with one of its
+  ``neighbors`` nearest neighbours in u-space (found once, after Phase 1). Their target ``s_ij`` is set to 1;
+  all other pairs keep the paper's thresholded ``p p^T`` / ``q q^T`` targets. Self-pairs are excluded.
+* A balance guard: ``balance_weight * KL(mean q || uniform)`` added to the Phase-2 loss, so that a single
+  cluster (which has zero pairwise loss once targets are ``q q^T``) is not a minimum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, Optional, Tuple
+
+__all__ = ["DCSSConfig", "PRESETS"]
+
+PRESETS = ("default", "paper")
+
+
+@dataclass
+class DCSSConfig:
+    """All DCSS settings. ``None`` means "from the preset" and is resolved by :meth:`resolved`.
+
+    Attributes:
+        n_clusters: K.
+        preset: ``"default"`` (robust) or ``"paper"`` (published recipe).
+        latent_dim: d, the width of ``u``.
+        m: fuzzifier (paper 1.5; default preset 1.2).
+        lam: weight of the centering term in Phase 1 (0.1).
+        zeta, gamma: similar / dissimilar thresholds of the pairwise loss (0.8, 0.2).
+        T1: epochs between center updates in Phase 1 (2).
+        T2: Phase-2 epochs with u-space targets ``p p^T`` before switching to ``q q^T`` (5).
+        pretrain_epochs, phase1_epochs, phase2_epochs: epochs per phase; ``None`` picks them from a step budget.
+        batch_size: samples per batch (256).
+        lr: Adam learning rate for pretraining and Phase 2; Phase 1 uses ``lr * phase1_lr_factor``.
+        autoencoder: ``"auto"`` (conv for images under the default preset, MLP otherwise), ``"mlp"`` or ``"conv"``.
+        mlp_hidden_dims: encoder widths of the MLP autoencoder.
+        head_hidden_dims: MNet hidden widths (128, 128).
+        augment: make augmented views (pretraining and Phase 2).
+        neighbors: k of the u-space nearest-neighbour positives in Phase 2 (0 turns them off).
+        balance_weight: weight of the KL(mean q || uniform) guard in Phase 2 (0 turns it off).
+        exclude_self: drop i == j pairs from the pairwise loss.
+        seed: seeds every random choice (runs on CPU are reproducible).
+    """
+
+    n_clusters: int = 10
+    preset: str = "default"
+    latent_dim: int = 10
+    m: Optional[float] = None
+    lam: float = 0.1
+    zeta: float = 0.8
+    gamma: float = 0.2
+    T1: int = 2
+    T2: int = 5
+    pretrain_epochs: Optional[int] = None
+    phase1_epochs: Optional[int] = None
+    phase2_epochs: Optional[int] = None
+    batch_size: int = 256
+    lr: float = 1e-3
+    phase1_lr_factor: float = 0.1
+    autoencoder: str = "auto"
+    mlp_hidden_dims: Tuple[int, ...] = (500, 500, 2000)
+    head_hidden_dims: Tuple[int, ...] = (128, 128)
+    augment: Optional[bool] = None
+    neighbors: Optional[int] = None
+    balance_weight: Optional[float] = None
+    exclude_self: Optional[bool] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}.")
+        if int(self.n_clusters) < 2:
+            raise ValueError(f"n_clusters (K) must be at least 2, got {self.n_clusters}.")
+        if self.autoencoder not in ("auto", "mlp", "conv"):
+            raise ValueError(f"autoencoder must be 'auto', 'mlp' or 'conv', got {self.autoencoder!r}.")
+        if self.m is not None and not self.m > 1:
+            raise ValueError(f"The fuzzifier m must be > 1, got {self.m}.")
+        if not 0 <= self.gamma <= self.zeta <= 1:
+            raise ValueError(f"Need 0 <= gamma <= zeta <= 1, got gamma={self.gamma}, zeta={self.zeta}.")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (pairs are formed within a batch), got {self.batch_size}.")
+        if self.T1 < 1 or self.T2 < 0:
+            raise ValueError(f"Need T1 >= 1 and T2 >= 0, got T1={self.T1}, T2={self.T2}.")
+        self.mlp_hidden_dims = tuple(int(h) for h in self.mlp_hidden_dims)
+        self.head_hidden_dims = tuple(int(h) for h in self.head_hidden_dims)
+
+    def resolved(self) -> "DCSSConfig":
+        """A copy with every preset-dependent ``None`` filled in."""
+        paper = self.preset == "paper"
+        defaults: Dict[str, Any] = {
+            "m": 1.5 if paper else 1.2,
+            "augment": not paper,
+            "neighbors": 0 if paper else 5,
+            "balance_weight": 0.0 if paper else 1.0,
+            "exclude_self": not paper,
+        }
+        values = asdict(self)
+        for key, value in defaults.items():
+            if values[key] is None:
+                values[key] = value
+        return DCSSConfig(**values)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["mlp_hidden_dims"] = list(self.mlp_hidden_dims)
+        d["head_hidden_dims"] = list(self.head_hidden_dims)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "DCSSConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown DCSS config keys {sorted(unknown)}; the file was written by another version.")
+        return cls(**d)

@@ -1,0 +1,228 @@
+"""Pure tensor functions of DCSS (Sadeghi & Armanfard, arXiv 2405.03590).
+
+Everything the method computes lives here as a stateless function; the ``nn.Module`` wrappers in
+:mod:`dcss_plugin.losses`, :mod:`dcss_plugin.centers` and :mod:`dcss_plugin.heads` are thin shells over them.
+
+Shapes use the paper's vocabulary: ``u`` (B, d) latent embeddings, ``centers`` (K, d), ``p`` (B, K) fuzzy
+memberships, ``q`` (B, K) head outputs, ``s`` (B, B) pairwise target similarities.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "squared_distances",
+    "fuzzy_memberships",
+    "center_statistics",
+    "centers_from_statistics",
+    "centering_loss",
+    "pairwise_similarity_loss",
+    "pairwise_similarity",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+
+
+def _check_m(m: float) -> None:
+    if not m > 1.0:
+        raise ValueError(f"The fuzzifier m must be > 1 (the paper uses 1.5), got m={m}.")
+
+
+def squared_distances(u: Tensor, centers: Tensor) -> Tensor:
+    """Squared Euclidean distances ``d_ik = ||u_i - mu_k||^2``.
+
+    Computed without the ``||a||^2 - 2ab + ||b||^2`` expansion, so a point that coincides with a center
+    gets exactly 0 (and a zero gradient), not a small negative or positive round-off.
+
+    Args:
+        u: (B, d) embeddings.
+        centers: (K, d) cluster centers.
+
+    Returns:
+        (B, K) squared distances.
+
+    Example:
+        >>> d = squared_distances(torch.zeros(3, 2), torch.eye(2))
+        >>> d.shape
+        torch.Size([3, 2])
+    """
+    if u.dim() != 2 or centers.dim() != 2 or u.shape[1] != centers.shape[1]:
+        raise ValueError(
+            f"u must be (B, d) and centers (K, d) with the same d; got u {tuple(u.shape)} and "
+            f"centers {tuple(centers.shape)}."
+        )
+    dist = torch.cdist(u, centers.to(u.dtype), p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+    return dist.pow(2)
+
+
+def fuzzy_memberships(u: Tensor, centers: Tensor, m: float = 1.5) -> Tensor:
+    """Fuzzy c-means memberships ``p_ik = d_ik^(-1/(m-1)) / sum_j d_ij^(-1/(m-1))``.
+
+    Evaluated as a softmax of ``-log(d_ik)/(m-1)``, which is finite everywhere: a sample that sits exactly on
+    center k gets ``p_ik = 1`` (the limit of the formula), never inf or NaN.
+
+    Args:
+        u: (B, d) embeddings.
+        centers: (K, d) cluster centers.
+        m: fuzzifier, > 1. The paper uses 1.5.
+
+    Returns:
+        (B, K) memberships; each row sums to 1.
+
+    Example:
+        >>> p = fuzzy_memberships(torch.randn(5, 3), torch.randn(4, 3))
+        >>> torch.allclose(p.sum(1), torch.ones(5))
+        True
+    """
+    _check_m(m)
+    d = squared_distances(u, centers)
+    tiny = torch.finfo(d.dtype).tiny
+    logits = -torch.log(d.clamp_min(tiny)) / (m - 1.0)
+    return torch.softmax(logits, dim=1)
+
+
+def center_statistics(u: Tensor, p: Tensor, m: float = 1.5) -> Tuple[Tensor, Tensor]:
+    """Numerator and denominator of the fuzzy c-means center update over one chunk of data.
+
+    ``numerator_k = sum_i p_ik^m u_i`` and ``denominator_k = sum_i p_ik^m``. They are kept apart so that
+    chunks (batches, or ranks under ``torch.distributed``) can be summed before the division
+    ``mu_k = numerator_k / denominator_k`` (see :func:`centers_from_statistics`).
+
+    Args:
+        u: (B, d) embeddings.
+        p: (B, K) memberships.
+        m: fuzzifier.
+
+    Returns:
+        ``(numerator (K, d), denominator (K,))``.
+    """
+    _check_m(m)
+    w = p.detach().to(u.dtype).pow(m)
+    return w.t() @ u.detach(), w.sum(0)
+
+
+def centers_from_statistics(numerator: Tensor, denominator: Tensor, previous: Tensor | None = None) -> Tensor:
+    """``mu_k = numerator_k / denominator_k``; a cluster with zero total weight keeps its previous center."""
+    den = denominator.unsqueeze(1)
+    new = numerator / den.clamp_min(torch.finfo(numerator.dtype).tiny)
+    if previous is not None:
+        new = torch.where(den > 0, new, previous.to(new.dtype))
+    return new
+
+
+def centering_loss(
+    x: Tensor,
+    x_hat: Tensor,
+    u: Tensor,
+    centers: Tensor,
+    p: Tensor,
+    m: float = 1.5,
+    lam: float = 0.1,
+    reduction: str = "mean",
+) -> Tensor:
+    """Phase-1 objective: the sum of the K cluster-specific losses, in one pass.
+
+    ``L = sum_k L_k`` with ``L_k = sum_i p_ik^m (||x_i - x_hat_i||^2 + lam * ||u_i - mu_k||^2)``.
+    The official code runs K forward/backward/optimizer steps per batch, one per ``L_k``; their sum is the
+    same objective at 1/K of the cost. ``p`` is treated as a constant (no gradient flows into it).
+
+    Args:
+        x: (B, ...) inputs.
+        x_hat: reconstructions, same shape as ``x``.
+        u: (B, d) embeddings.
+        centers: (K, d) cluster centers (gradient flows only if the caller passes a tensor that requires it).
+        p: (B, K) memberships; detached here.
+        m: fuzzifier.
+        lam: weight of the centering term (the paper's lambda, 0.1).
+        reduction: ``"sum"`` (the formula above), ``"mean"`` (divided by B) or ``"none"`` ((B,) per sample).
+
+    Returns:
+        The loss (scalar, or (B,) for ``"none"``).
+
+    Example:
+        >>> x = torch.randn(8, 4); u = torch.randn(8, 2); c = torch.randn(3, 2)
+        >>> loss = centering_loss(x, x + 0.1, u, c, fuzzy_memberships(u, c))
+    """
+    _check_m(m)
+    _check_reduction(reduction)
+    if x.shape != x_hat.shape:
+        raise ValueError(f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}.")
+    if p.shape != (u.shape[0], centers.shape[0]):
+        raise ValueError(f"p must be (B, K) = {(u.shape[0], centers.shape[0])}, got {tuple(p.shape)}.")
+    w = p.detach().to(u.dtype).pow(m)  # (B, K)
+    rec = (x - x_hat).pow(2).flatten(1).sum(1)  # (B,)
+    dist = squared_distances(u, centers)  # (B, K)
+    per_sample = w.sum(1) * rec + lam * (w * dist).sum(1)
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample.mean()
+
+
+def pairwise_similarity(a: Tensor, b: Tensor | None = None) -> Tensor:
+    """Inner products of soft assignments: ``s_ij = a_i . b_j``, i.e. ``p p^T`` or ``q q^T``. (B, B)."""
+    return a @ (a if b is None else b).t()
+
+
+def pairwise_similarity_loss(
+    q: Tensor,
+    s: Tensor,
+    zeta: float = 0.8,
+    gamma: float = 0.2,
+    reduction: str = "mean",
+    exclude_self: bool = False,
+) -> Tensor:
+    """Phase-2 objective on pairs within a batch.
+
+    ``L = sum_ij [s_ij > zeta] (1 - q_i . q_j) + [s_ij < gamma] q_i . q_j``: pairs whose target similarity is
+    above ``zeta`` are pulled together, pairs below ``gamma`` pushed apart, the rest ignored. ``s`` carries no
+    gradient. Known positives (two views of one sample, say) are marked by setting their ``s_ij`` to 1.
+
+    Args:
+        q: (B, K) soft assignments (rows on the simplex).
+        s: (B, B) target similarities, e.g. ``p p^T`` (u-space stage) or ``(q q^T).detach()`` (q-space stage).
+        zeta: threshold for similar pairs (0.8 in the paper).
+        gamma: threshold for dissimilar pairs (0.2 in the paper).
+        reduction: ``"sum"`` (formula above), ``"mean"`` (divided by the number of selected pairs; 0 when none)
+            or ``"none"`` ((B, B) matrix of per-pair terms, 0 where unselected).
+        exclude_self: drop the pairs ``i == j`` (the paper counts them).
+
+    Returns:
+        The loss.
+
+    Example:
+        >>> q = torch.softmax(torch.randn(6, 3), 1)
+        >>> loss = pairwise_similarity_loss(q, (q @ q.t()).detach())
+    """
+    _check_reduction(reduction)
+    if not gamma <= zeta:
+        raise ValueError(f"gamma must be <= zeta, got gamma={gamma}, zeta={zeta}.")
+    n = q.shape[0]
+    if s.shape != (n, n):
+        raise ValueError(f"s must be (B, B) = {(n, n)} for q of shape {tuple(q.shape)}, got {tuple(s.shape)}.")
+    s = s.detach()
+    sim = pairwise_similarity(q)
+    pos = s > zeta
+    neg = s < gamma
+    if exclude_self:
+        eye = torch.eye(n, dtype=torch.bool, device=q.device)
+        pos = pos & ~eye
+        neg = neg & ~eye
+    terms = torch.where(pos, 1.0 - sim, torch.zeros_like(sim)) + torch.where(neg, sim, torch.zeros_like(sim))
+    if reduction == "none":
+        return terms
+    total = terms.sum()
+    if reduction == "sum":
+        return total
+    count = (pos | neg).sum()
+    return total / count.clamp_min(1).to(total.dtype)
