@@ -51,6 +51,7 @@ class DCSSConfig:
         neighbors: k of the u-space nearest-neighbour positives in Phase 2 (0 turns them off).
         balance_weight: weight of the KL(mean q || uniform) guard in Phase 2 (0 turns it off).
         exclude_self: drop i == j pairs from the pairwise loss.
+        pair_reduction: reduction of the pairwise loss: ``"mean"`` (paper) or ``"balanced"`` (default preset).
         seed: seeds every random choice (runs on CPU are reproducible).
     """
 
@@ -76,6 +77,7 @@ class DCSSConfig:
     neighbors: Optional[int] = None
     balance_weight: Optional[float] = None
     exclude_self: Optional[bool] = None
+    pair_reduction: Optional[str] = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -105,6 +107,7 @@ class DCSSConfig:
             "neighbors": 0 if paper else 5,
             "balance_weight": 0.0 if paper else 1.0,
             "exclude_self": not paper,
+            "pair_reduction": "mean" if paper else "balanced",
         }
         values = asdict(self)
         for key, value in defaults.items():

@@ -27,7 +27,7 @@ from .heads import DCSSHead
 from .io import atomic_torch_save, load_checkpoint
 from .losses import CenteringLoss, PairwiseSimilarityLoss
 
-__all__ = ["DCSS", "balance_penalty"]
+__all__ = ["DCSS", "balance_penalty", "known_positive_loss"]
 
 log = logging.getLogger("dcss_plugin")
 
@@ -38,6 +38,11 @@ def balance_penalty(q: Tensor) -> Tensor:
     """``KL(mean q || uniform) = sum_k qbar_k log qbar_k + log K`` (>= 0, 0 iff clusters are used evenly)."""
     qbar = q.mean(0).clamp_min(1e-12)
     return (qbar * qbar.log()).sum() + math.log(q.shape[1])
+
+
+def known_positive_loss(q_a: Tensor, q_b: Tensor) -> Tensor:
+    """Mean ``1 - q_a_i . q_b_i`` over rows: the pull term of the pairwise loss on pairs known to be similar."""
+    return (1.0 - (q_a * q_b).sum(1)).mean()
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -261,8 +266,10 @@ class DCSS:
             u_np = u_all.cpu().numpy()
             _, ind = NearestNeighbors(n_neighbors=k + 1).fit(u_np).kneighbors(u_np)
             knn = torch.as_tensor(ind[:, 1:], dtype=torch.long)
+            history["knn"] = knn.numpy()
         self.head = DCSSHead(cfg.latent_dim, cfg.n_clusters, cfg.head_hidden_dims).to(dev)
-        criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction="mean", exclude_self=cfg.exclude_self)
+        criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
+                                            exclude_self=cfg.exclude_self)
         opt = torch.optim.Adam(list(ae.parameters()) + list(self.head.parameters()), lr=cfg.lr)
         two_views = cfg.augment or knn is not None
         losses, pos_share = [], []
@@ -291,13 +298,11 @@ class DCSS:
                     else:
                         p = self.centers(u)
                         s = p @ p.t()
-                    if two_views:
-                        b = len(idx)
-                        ar = torch.arange(b, device=dev)
-                        s[ar, ar + b] = 1.0
-                        s[ar + b, ar] = 1.0
                     pos = (s > cfg.zeta).float().mean().item()
                 loss = criterion2(q, s)
+                if two_views:  # known positives: two views of a sample, or a sample and a u-space neighbour
+                    b = len(idx)
+                    loss = loss + known_positive_loss(q[:b], q[b:])
                 if cfg.balance_weight > 0:
                     loss = loss + cfg.balance_weight * balance_penalty(q)
                 opt.zero_grad(set_to_none=True)

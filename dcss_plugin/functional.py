@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
+_PAIR_REDUCTIONS = ("mean", "sum", "none", "balanced")
 
 
 def _check_reduction(reduction: str) -> None:
@@ -193,8 +194,10 @@ def pairwise_similarity_loss(
         s: (B, B) target similarities, e.g. ``p p^T`` (u-space stage) or ``(q q^T).detach()`` (q-space stage).
         zeta: threshold for similar pairs (0.8 in the paper).
         gamma: threshold for dissimilar pairs (0.2 in the paper).
-        reduction: ``"sum"`` (formula above), ``"mean"`` (divided by the number of selected pairs; 0 when none)
-            or ``"none"`` ((B, B) matrix of per-pair terms, 0 where unselected).
+        reduction: ``"sum"`` (formula above), ``"mean"`` (divided by the number of selected pairs; 0 when none),
+            ``"balanced"`` (mean over the pulled pairs plus mean over the pushed pairs, so that the few similar
+            pairs of a many-cluster batch are not drowned by the dissimilar ones) or ``"none"`` ((B, B) matrix of
+            per-pair terms, 0 where unselected).
         exclude_self: drop the pairs ``i == j`` (the paper counts them).
 
     Returns:
@@ -204,7 +207,8 @@ def pairwise_similarity_loss(
         >>> q = torch.softmax(torch.randn(6, 3), 1)
         >>> loss = pairwise_similarity_loss(q, (q @ q.t()).detach())
     """
-    _check_reduction(reduction)
+    if reduction not in _PAIR_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_PAIR_REDUCTIONS}, got {reduction!r}.")
     if not gamma <= zeta:
         raise ValueError(f"gamma must be <= zeta, got gamma={gamma}, zeta={zeta}.")
     n = q.shape[0]
@@ -218,7 +222,11 @@ def pairwise_similarity_loss(
         eye = torch.eye(n, dtype=torch.bool, device=q.device)
         pos = pos & ~eye
         neg = neg & ~eye
-    terms = torch.where(pos, 1.0 - sim, torch.zeros_like(sim)) + torch.where(neg, sim, torch.zeros_like(sim))
+    pull = torch.where(pos, 1.0 - sim, torch.zeros_like(sim))
+    push = torch.where(neg, sim, torch.zeros_like(sim))
+    if reduction == "balanced":
+        return pull.sum() / pos.sum().clamp_min(1).to(sim.dtype) + push.sum() / neg.sum().clamp_min(1).to(sim.dtype)
+    terms = pull + push
     if reduction == "none":
         return terms
     total = terms.sum()

@@ -1,0 +1,229 @@
+"""The ``dcss`` command: ``fit``, ``bench``, ``export``, ``assign``.
+
+    dcss fit --dataset digits --clusters 10 --seed 0 --out runs/digits
+    dcss fit --data X.npy [--labels y.npy] --clusters K --seed S --out DIR      # also .csv, .pt
+    dcss export DIR [--full] [--fp16] --out DIR/assigner.onnx
+    dcss assign DIR/assigner.onnx --data X.npy --out labels.npy [--provider auto|cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("dcss_plugin")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _kmeans_baseline(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(flat).astype(np.int64)
+
+
+def _load_inputs(args: argparse.Namespace):
+    import torch
+
+    from .data import load_array, load_named_dataset, validate_labels
+
+    if bool(args.dataset) == bool(args.data):
+        raise CLIError("Give exactly one of --dataset NAME or --data FILE.")
+    if args.dataset:
+        if args.labels:
+            raise CLIError("--labels goes with --data; named datasets bring their own labels.")
+        x, y = load_named_dataset(args.dataset, args.data_root)
+        return x, y.numpy(), f"dataset:{args.dataset}"
+    x_np = load_array(args.data)
+    x = torch.as_tensor(np.asarray(x_np, dtype=np.float32))
+    y = None
+    if args.labels:
+        y_arr = load_array(args.labels)
+        if y_arr.ndim == 2 and 1 in y_arr.shape:  # a column or a row, e.g. from a .csv
+            y_arr = y_arr.reshape(-1)
+        y = validate_labels(y_arr, len(x))
+    return x, y, f"file:{os.path.abspath(args.data)}"
+
+
+def _table(rows: List[tuple]) -> str:
+    head = f"{'method':<28}{'ACC':>8}{'NMI':>8}{'ARI':>8}"
+    lines = [head, "-" * len(head)]
+    for name, m in rows:
+        lines.append(f"{name:<28}{m['acc']:>8.4f}{m['nmi']:>8.4f}{m['ari']:>8.4f}")
+    return "\n".join(lines)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .data import DataError, validate_features
+    from .estimator import DCSS
+    from .io import atomic_save_npy, atomic_write_json
+    from .metrics import evaluate
+    from . import __version__
+
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out!r} exists and is not a directory.")
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise CLIError(f"--out {out!r} is not writable.")
+    x, y, source = _load_inputs(args)
+    xv = x.unsqueeze(1) if x.dim() == 3 else x
+    validate_features(xv, args.clusters)
+    overrides: Dict[str, Any] = {}
+    for key in ("pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "m", "zeta", "gamma", "lam",
+                "T1", "T2", "latent_dim", "lr"):
+        val = getattr(args, key, None)
+        if val is not None:
+            overrides[key] = val
+    model = DCSS(n_clusters=args.clusters, preset=args.preset, device=args.device, verbose=not args.quiet,
+                 seed=args.seed, **overrides)
+    t0 = time.perf_counter()
+    model.fit(x)
+    fit_s = time.perf_counter() - t0
+    labels = model.labels_
+    assert labels is not None
+    model.save(os.path.join(out, "checkpoint.pt"))
+    atomic_save_npy(os.path.join(out, "labels.npy"), labels.astype(np.int64))
+    h = model.history_
+    report: Dict[str, Any] = {
+        "version": __version__,
+        "source": source,
+        "n_samples": int(len(x)),
+        "sample_shape": list(model.input_shape or ()),
+        "seed": args.seed,
+        "config": model.config.to_dict(),
+        "device": h["device"],
+        "epochs": h["epochs"],
+        "timings_s": {**{k: round(v, 3) for k, v in h["time_s"].items()}, "fit_total": round(fit_s, 3)},
+        "time_per_epoch_s": {k: round(v, 4) for k, v in h["time_per_epoch_s"].items()},
+        "final_loss": {k: (v[-1] if v else None) for k, v in h["loss"].items()},
+        "cluster_sizes": np.bincount(labels, minlength=args.clusters).tolist(),
+        "python": platform.python_version(),
+    }
+    if y is not None:
+        t0 = time.perf_counter()
+        km = _kmeans_baseline(xv.numpy(), args.clusters, args.seed)
+        report["timings_s"]["kmeans_baseline"] = round(time.perf_counter() - t0, 3)
+        report["metrics"] = evaluate(y, labels)
+        report["metrics_after_pretrain_kmeans"] = evaluate(y, h["labels_after_pretrain"])
+        report["metrics_after_phase1"] = evaluate(y, h["labels_after_phase1"])
+        report["kmeans_baseline"] = evaluate(y, km)
+    atomic_write_json(os.path.join(out, "report.json"), report)
+    print(f"dcss fit: {len(x)} samples, K={args.clusters}, seed={args.seed}, {fit_s:.1f} s on {h['device']}; "
+          f"wrote {out}/labels.npy, report.json, checkpoint.pt")
+    if y is not None:
+        print(_table([("DCSS (this run)", report["metrics"]),
+                      ("  after pretrain + k-means", report["metrics_after_pretrain_kmeans"]),
+                      ("  after phase 1", report["metrics_after_phase1"]),
+                      ("k-means on the raw input", report["kmeans_baseline"])]))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from dcss_plugin.export.onnx import export_from_cli
+    except ImportError as exc:
+        raise CLIError(f"ONNX export is unavailable: {exc}") from exc
+    return export_from_cli(args)
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    try:
+        from dcss_plugin.export.runtime import assign_from_cli
+    except ImportError as exc:
+        raise CLIError(f"ONNX assignment is unavailable: {exc}") from exc
+    return assign_from_cli(args)
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcss", description="DCSS deep clustering (arXiv 2405.03590).")
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="train DCSS and write labels.npy, report.json and checkpoint.pt into --out")
+    src = fit.add_argument_group("input (exactly one of --dataset / --data)")
+    src.add_argument("--dataset", help="digits (embedded) | mnist | fashion-mnist | usps | cifar10 | stl10")
+    src.add_argument("--data", help="samples as .npy, .csv or .pt: (N, F) vectors or (N, [C,] H, W) images")
+    src.add_argument("--labels", help="optional ground truth (.npy/.csv/.pt), used only for reported metrics")
+    src.add_argument("--data-root", help="folder with torchvision dataset files (nothing is downloaded)")
+    fit.add_argument("--clusters", "-k", type=int, required=True, help="number of clusters K (>= 2)")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--out", required=True, help="run directory")
+    fit.add_argument("--preset", default="default", choices=["default", "paper"])
+    fit.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    for name in ("pretrain-epochs", "phase1-epochs", "phase2-epochs", "batch-size", "T1", "T2", "latent-dim"):
+        fit.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
+    for name in ("m", "zeta", "gamma", "lam", "lr"):
+        fit.add_argument(f"--{name}", type=float)
+    fit.set_defaults(func=cmd_fit)
+
+    bench = sub.add_parser("bench", help="benchmarks: 'fit' (phases, quality, one-pass vs K-step Phase 1)")
+    bench.add_argument("what", nargs="?", default="fit", choices=["fit", "assign"])
+    bench.add_argument("--dataset", default="digits")
+    bench.add_argument("--data-root")
+    bench.add_argument("--clusters", "-k", type=int, default=10)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--repeats", type=_positive_int, default=3)
+    bench.add_argument("--quick", action="store_true", help="fewer epochs (smoke run)")
+    bench.set_defaults(func=cmd_bench)
+
+    exp = sub.add_parser("export", help="export a fitted run to a self-contained ONNX cluster assigner")
+    exp.add_argument("run_dir")
+    exp.add_argument("--full", action="store_true", help="encoder + head (input x) instead of head only (input u)")
+    exp.add_argument("--fp16", action="store_true")
+    exp.add_argument("--out", required=True)
+    exp.set_defaults(func=cmd_export)
+
+    asg = sub.add_parser("assign", help="assign clusters with an exported ONNX model (onnxruntime)")
+    asg.add_argument("model")
+    asg.add_argument("--data", required=True)
+    asg.add_argument("--out", required=True)
+    asg.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    asg.add_argument("--batch-size", type=_positive_int, default=65536)
+    asg.set_defaults(func=cmd_assign)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .data import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, DataError, FileNotFoundError) as exc:
+        print(f"dcss {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"dcss {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
