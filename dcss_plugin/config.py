@@ -78,6 +78,8 @@ class DCSSConfig:
     balance_weight: Optional[float] = None
     exclude_self: Optional[bool] = None
     pair_reduction: Optional[str] = None
+    positive_loss: str = "log"
+    phase2_encoder_lr_factor: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:

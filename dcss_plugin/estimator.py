@@ -40,9 +40,16 @@ def balance_penalty(q: Tensor) -> Tensor:
     return (qbar * qbar.log()).sum() + math.log(q.shape[1])
 
 
-def known_positive_loss(q_a: Tensor, q_b: Tensor) -> Tensor:
-    """Mean ``1 - q_a_i . q_b_i`` over rows: the pull term of the pairwise loss on pairs known to be similar."""
-    return (1.0 - (q_a * q_b).sum(1)).mean()
+def known_positive_loss(q_a: Tensor, q_b: Tensor, kind: str = "log") -> Tensor:
+    """Pull term on pairs known to be similar (row i of ``q_a`` with row i of ``q_b``), both (B, K).
+
+    ``"linear"``: mean ``1 - q_a_i . q_b_i`` (the paper's pull term); ``"log"``: mean ``-log(q_a_i . q_b_i)``, whose
+    gradient does not vanish when the two assignments disagree completely.
+    """
+    dot = (q_a * q_b).sum(1)
+    if kind == "log":
+        return -dot.clamp_min(1e-8).log().mean()
+    return (1.0 - dot).mean()
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -270,7 +277,8 @@ class DCSS:
         self.head = DCSSHead(cfg.latent_dim, cfg.n_clusters, cfg.head_hidden_dims).to(dev)
         criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
                                             exclude_self=cfg.exclude_self)
-        opt = torch.optim.Adam(list(ae.parameters()) + list(self.head.parameters()), lr=cfg.lr)
+        opt = torch.optim.Adam([{"params": ae.parameters(), "lr": cfg.lr * cfg.phase2_encoder_lr_factor},
+                                {"params": self.head.parameters(), "lr": cfg.lr}])
         two_views = cfg.augment or knn is not None
         losses, pos_share = [], []
         bar = self._progress(e2, "phase 2")
@@ -302,7 +310,7 @@ class DCSS:
                 loss = criterion2(q, s)
                 if two_views:  # known positives: two views of a sample, or a sample and a u-space neighbour
                     b = len(idx)
-                    loss = loss + known_positive_loss(q[:b], q[b:])
+                    loss = loss + known_positive_loss(q[:b], q[b:], cfg.positive_loss)
                 if cfg.balance_weight > 0:
                     loss = loss + cfg.balance_weight * balance_penalty(q)
                 opt.zero_grad(set_to_none=True)

@@ -120,23 +120,12 @@ class AssignerGraph(nn.Module):
     def forward(self, inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         h = inputs
         if self.autoencoder is not None:
-            h = self.autoencoder.encode((h - self.offset) / self.scale)
-        elif self.fp16:
+            h = (h - self.offset) / self.scale  # float32, then cast: the normalisation never runs in fp16
+        if self.fp16:
             h = h.half()
-        if self.autoencoder is not None and self.fp16:
-            pass  # the cast happened before the encoder, see _cast_input
+        if self.autoencoder is not None:
+            h = self.autoencoder.encode(h)
         q = self.head(h).float()
-        confidence, label = q.max(dim=1)
-        return q, label, confidence
-
-
-class _FullFp16Graph(AssignerGraph):
-    """Full fp16 graph: the float32 normalised input is cast to float16 before the encoder."""
-
-    def forward(self, inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        assert self.autoencoder is not None
-        u = self.autoencoder.encode(((inputs - self.offset) / self.scale).half())
-        q = self.head(u).float()
         confidence, label = q.max(dim=1)
         return q, label, confidence
 
@@ -151,8 +140,7 @@ def build_graph(model: DCSS, full: bool, fp16: bool) -> AssignerGraph:
         return AssignerGraph(model.head, fp16=fp16).eval()  # type: ignore[arg-type]
     norm = model.normalizer
     assert norm is not None
-    cls = _FullFp16Graph if fp16 else AssignerGraph
-    return cls(model.head, model.autoencoder, norm.offset, norm.scale, fp16=fp16).eval()  # type: ignore[arg-type]
+    return AssignerGraph(model.head, model.autoencoder, norm.offset, norm.scale, fp16=fp16).eval()  # type: ignore
 
 
 # ---------------------------------------------------------------------------------------------------- exporters
@@ -289,7 +277,7 @@ def _decoded_probe(model: DCSS, per_center: int = 32, seed: int = 0) -> np.ndarr
         c = model.centers.centers.detach().cpu().float()
         spread = torch.pdist(c).median().item() / 4 if len(c) > 1 else 1.0
         u = (c.repeat_interleave(per_center, 0)
-             + spread / max(c.shape[1], 1) ** 0.5 * torch.randn(len(c) * per_center, c.shape[1], generator=g))
+             + spread / max(c.shape[1], 1) ** 0.5 * torch.randn(len(c) * per_center, c.shape[1], generator=g, dtype=torch.float32))
         ae = copy.deepcopy(model.autoencoder).to("cpu", torch.float32).eval()
         x_norm = ae.decode(u).reshape(len(u), *model.input_shape)  # type: ignore[misc]
         norm = model.normalizer

@@ -1,0 +1,421 @@
+"""OnnxClusterAssigner: cluster assignment with onnxruntime from a file written by :func:`export_assigner`.
+
+* The file is checked before anything runs: readable ONNX, dcss-plugin metadata present, the SHA-256 digest of
+  graph + metadata unchanged since export, graph I/O as the metadata says.
+* Provider: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when it really runs, else CPU). onnxruntime silently falls
+  back to CPU when the CUDA provider cannot start (missing driver or libraries), so the choice is read back from
+  the session (``session.get_providers()``), not from ``get_available_providers()``. :attr:`provider` is the one
+  that actually runs. ``"cuda"`` raises :class:`ProviderUnavailableError` (a ``RuntimeError``) with the reason.
+* Inputs: numpy arrays or torch tensors (N, ...) of any numeric dtype (cast to float32); rank, sample shape,
+  dtype and NaN/inf are checked first, each with its own error. For a full export with sample shape (1, H, W),
+  (N, H, W) is accepted. Large inputs run in chunks of ``batch_size`` rows.
+* CUDA-resident torch tensors on a CUDA session go through IOBinding: onnxruntime reads the tensor's memory and
+  writes into torch tensors preallocated on the same device; nothing is copied to the host, and the result holds
+  CUDA tensors. Every other input gives numpy results.
+
+Example:
+    >>> from dcss_plugin.export.runtime import OnnxClusterAssigner
+    >>> assigner = OnnxClusterAssigner("runs/digits/assigner.onnx", provider="auto")
+    >>> out = assigner(load_digits().images)       # AssignResult(q (N, K), label (N,), confidence (N,))
+    >>> assigner.provider, out.label[:5]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+
+import numpy as np
+import torch  # imported before onnxruntime on purpose: it loads the CUDA libraries that onnxruntime-gpu needs
+
+from dcss_plugin.data import DataError
+
+from .onnx import ASSIGNER_FORMAT, DIGEST_KEY, METADATA_KEYS, OUTPUT_NAMES, metadata_digest
+
+__all__ = [
+    "AssignResult",
+    "AssignerFileError",
+    "OnnxClusterAssigner",
+    "ProviderUnavailableError",
+    "assign_from_cli",
+    "read_assigner",
+]
+
+log = logging.getLogger("dcss_plugin")
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class AssignerFileError(ValueError):
+    """The model file is missing its metadata, corrupt, edited after export, or not ONNX at all."""
+
+
+class ProviderUnavailableError(RuntimeError):
+    """The requested onnxruntime execution provider cannot run on this machine; the message says why."""
+
+
+class AssignResult(NamedTuple):
+    """Outputs of one assignment: numpy arrays, or CUDA tensors when the input was a CUDA tensor.
+
+    Attributes:
+        q: (N, K) float32 soft assignments, rows sum to 1.
+        label: (N,) int64 cluster, ``argmax q``.
+        confidence: (N,) float32 ``max q``.
+    """
+
+    q: Any
+    label: Any
+    confidence: Any
+
+
+# ---------------------------------------------------------------------------------------------------- the file
+def read_assigner(path: Union[str, os.PathLike]) -> Tuple[bytes, Dict[str, str]]:
+    """Read and check an exported assigner: returns its bytes and metadata, or raises :class:`AssignerFileError`.
+
+    Example:
+        >>> data, meta = read_assigner("assigner.onnx")
+        >>> meta["n_clusters"], meta["export_kind"]
+        ('10', 'full')
+    """
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX model not found: {path!r}. Write one with `dcss export RUN_DIR --out FILE.onnx`.")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        proto = onnx.ModelProto.FromString(data)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise AssignerFileError(f"{path!r} is not a readable ONNX model (corrupt, truncated, or not an ONNX file): "
+                                f"{exc}") from exc
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise AssignerFileError(f"{path!r} is not an ONNX model (no graph found): corrupt or a different file type.")
+    if meta.get("format") != ASSIGNER_FORMAT:
+        raise AssignerFileError(
+            f"{path!r} is an ONNX model but not a dcss-plugin cluster assigner: its metadata lacks "
+            f"format={ASSIGNER_FORMAT!r}. Export one with `dcss export RUN_DIR --out FILE.onnx`.")
+    missing = sorted(set(METADATA_KEYS) - set(meta))
+    if missing:
+        raise AssignerFileError(f"{path!r} lacks the metadata entries {missing}; export it again with this version.")
+    if metadata_digest(proto) != meta[DIGEST_KEY]:
+        raise AssignerFileError(
+            f"{path!r} failed its integrity check (digest mismatch): the graph or its metadata changed after export, "
+            "so the file is corrupt or was tampered with. Export it again from the run directory.")
+    if any(uses_external_data(t) for t in proto.graph.initializer):
+        raise AssignerFileError(f"{path!r} refers to external tensor data; a dcss assigner is one self-contained file.")
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if inputs != [meta["input_name"]] or outputs != list(OUTPUT_NAMES):
+        raise AssignerFileError(f"{path!r}: graph I/O {inputs} -> {outputs} does not match its metadata "
+                                f"([{meta['input_name']!r}] -> {list(OUTPUT_NAMES)}).")
+    return data, meta
+
+
+# ---------------------------------------------------------------------------------------------------- providers
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[List[str]]:
+    """Collect what native code writes to file descriptor 2 (onnxruntime prints provider failures there)."""
+    sink: List[str] = []
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2: nothing to capture
+        yield sink
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode("utf-8", "replace"))
+
+
+def _why(stderr_text: str) -> str:
+    lines = [_ANSI.sub("", ln).strip() for ln in stderr_text.splitlines()]
+    lines = [re.sub(r"^\S+ \S+ \[[EW]:onnxruntime:[^\]]*\]\s*", "", ln) for ln in lines if ln]
+    text = " | ".join(ln for ln in lines if ln)
+    return text[:600] if text else "onnxruntime gave no reason (check the NVIDIA driver and the CUDA/cuDNN libraries)"
+
+
+def create_session(data: bytes, provider: str = "auto", device_id: int = 0,
+                   options: Any = None) -> Tuple[Any, str, Optional[str]]:
+    """An onnxruntime session on the provider that really runs.
+
+    Args:
+        data: the serialized model.
+        provider: ``"auto"``, ``"cuda"`` or ``"cpu"``.
+        device_id: the CUDA device.
+        options: ``onnxruntime.SessionOptions``.
+
+    Returns:
+        ``(session, "cuda" | "cpu", why_not_cuda)``; the last is ``None`` unless ``auto`` fell back to CPU.
+
+    Example:
+        >>> session, running, why = create_session(open("a.onnx", "rb").read(), "auto")
+    """
+    import onnxruntime as ort
+
+    if provider not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}.")
+    if provider == "cpu":
+        return ort.InferenceSession(data, sess_options=options, providers=[PROVIDERS["cpu"]]), "cpu", None
+    available = ort.get_available_providers()
+    session = None
+    if PROVIDERS["cuda"] not in available:
+        reason = (f"this onnxruntime {ort.__version__} build has no CUDAExecutionProvider (available: {available}); "
+                  "install onnxruntime-gpu")
+    else:
+        with _captured_stderr() as err:
+            session = ort.InferenceSession(
+                data, sess_options=options,
+                providers=[(PROVIDERS["cuda"], {"device_id": int(device_id)}), PROVIDERS["cpu"]])
+        if PROVIDERS["cuda"] in session.get_providers():
+            return session, "cuda", None
+        reason = ("onnxruntime lists CUDAExecutionProvider but could not start it and fell back to CPU: "
+                  + _why("".join(err)))
+    if provider == "cuda":
+        raise ProviderUnavailableError(f"provider='cuda' cannot run here: {reason}. Use provider='cpu', or "
+                                       "'auto' (CUDA when it runs, else CPU).")
+    if session is None:
+        session = ort.InferenceSession(data, sess_options=options, providers=[PROVIDERS["cpu"]])
+    return session, "cpu", reason
+
+
+# ---------------------------------------------------------------------------------------------------- assigner
+class OnnxClusterAssigner:
+    """Assign clusters with an exported DCSS ONNX model (see :func:`~dcss_plugin.export.onnx.export_assigner`).
+
+    Args:
+        path: the ``.onnx`` file.
+        provider: ``"auto"`` (CUDA when it really runs, else CPU), ``"cuda"`` or ``"cpu"``.
+        batch_size: rows per onnxruntime call; larger inputs are chunked.
+        device_id: CUDA device for the CUDA provider.
+        intra_op_threads: onnxruntime intra-op threads (0: onnxruntime's default, one per physical core).
+
+    Attributes:
+        provider: ``"cuda"`` or ``"cpu"``, the provider that actually runs.
+        metadata: the file's metadata (strings).
+        input_name: ``"u"`` (head export) or ``"x"`` (full export).
+        input_shape: the graph input's shape without the batch axis.
+        n_clusters, latent_dim, export_kind, fp16, normalization (dict with numpy ``offset``/``scale``).
+
+    Shapes:
+        input: ``u`` (N, d) or ``x`` (N, *sample_shape); (N, H, W) too when sample_shape is (1, H, W).
+        output: :class:`AssignResult` ``q`` (N, K) float32, ``label`` (N,) int64, ``confidence`` (N,) float32.
+
+    Example:
+        >>> assigner = OnnxClusterAssigner("assigner.onnx", provider="cpu")
+        >>> result = assigner(np.random.rand(5, 1, 8, 8).astype(np.float32) * 16)
+        >>> result.label.shape, result.q.sum(1)       # (5,), ~1
+    """
+
+    def __init__(self, path: Union[str, os.PathLike], provider: str = "auto", batch_size: int = 65536,
+                 device_id: int = 0, intra_op_threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+        self.path = os.fspath(path)
+        self.batch_size = int(batch_size)
+        self.device_id = int(device_id)
+        data, self.metadata = read_assigner(self.path)
+        meta = self.metadata
+        self.input_name: str = meta["input_name"]
+        self.export_kind: str = meta["export_kind"]
+        self.input_shape: Tuple[int, ...] = tuple(int(s) for s in json.loads(meta["input_shape"]))
+        self.sample_shape: Tuple[int, ...] = tuple(int(s) for s in json.loads(meta["sample_shape"]))
+        self.n_clusters = int(meta["n_clusters"])
+        self.latent_dim = int(meta["latent_dim"])
+        self.fp16 = meta["fp16"] == "true"
+        norm = json.loads(meta["normalization"])
+        self.normalization: Dict[str, Any] = {
+            "kind": norm["kind"],
+            "offset": np.asarray(norm["offset"], dtype=np.float32).reshape(norm["offset_shape"]),
+            "scale": np.asarray(norm["scale"], dtype=np.float32).reshape(norm["scale_shape"]),
+        }
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = int(intra_op_threads)
+        options.log_severity_level = 3  # errors only; provider fallbacks are reported by us
+        try:
+            self._session, self.provider, why = create_session(data, provider, self.device_id, options)
+        except (ProviderUnavailableError, ValueError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own error classes
+            raise AssignerFileError(f"onnxruntime could not load {self.path!r}: {exc}") from exc
+        graph_shape = self._session.get_inputs()[0].shape[1:]
+        if [int(s) if isinstance(s, int) else s for s in graph_shape] != list(self.input_shape):
+            raise AssignerFileError(f"{self.path!r}: graph input shape {graph_shape} does not match its metadata "
+                                    f"{list(self.input_shape)}.")
+        if why:
+            log.info("onnxruntime: CUDA not used (%s)", why)
+        self.fallback_reason = why
+        log.info("onnxruntime provider: %s (%s) for %s", self.provider, PROVIDERS[self.provider], self.path)
+        self._outputs = list(OUTPUT_NAMES)
+
+    def __repr__(self) -> str:
+        return (f"OnnxClusterAssigner({self.path!r}, kind={self.export_kind}, input={self.input_name} "
+                f"(N, {', '.join(map(str, self.input_shape))}), K={self.n_clusters}, provider={self.provider})")
+
+    # ------------------------------------------------------------------ validation
+    def _describe(self) -> str:
+        return f"{self.input_name} of shape (N, {', '.join(map(str, self.input_shape))})"
+
+    def _check_shape(self, shape: Tuple[int, ...]) -> bool:
+        """Raise :class:`DataError` for a wrong rank or sample shape; ``True`` when a channel axis must be added."""
+        want = self.input_shape
+        add_channel = (self.input_name == "x" and len(want) == 3 and want[0] == 1 and len(shape) == 3
+                       and tuple(shape[1:]) == want[1:])
+        if add_channel:
+            return True
+        if len(shape) != len(want) + 1:
+            hint = " (one sample? add a batch axis: x[None])" if tuple(shape) == want else ""
+            raise DataError(f"Expected {self._describe()}: {len(want) + 1} dimensions; got {len(shape)} with shape "
+                            f"{tuple(shape)}{hint}.")
+        if tuple(shape[1:]) != want:
+            if self.input_name == "u":
+                raise DataError(f"u must have d={want[0]} columns (this model's latent width); got {shape[1]}. u is "
+                                f"the encoder output on normalised input ({self.metadata['u_definition']}); for raw "
+                                "samples export with --full.")
+            if len(want) == 1:
+                raise DataError(f"x must have {want[0]} features per row (as in training); got {shape[1]}.")
+            raise DataError(f"x samples must have shape {want} (as in training); got {tuple(shape[1:])}.")
+        return False
+
+    def _bad_rows(self, finite_rows: np.ndarray) -> None:
+        rows = np.flatnonzero(~finite_rows)
+        if rows.size:
+            raise DataError(f"{self.input_name} contains NaN or inf in {rows.size} row(s) (first: {rows[:5].tolist()}); "
+                            "drop or impute those rows first.")
+
+    def _prepare_numpy(self, x: Any) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            if x.dtype in (torch.bfloat16, torch.float16):
+                x = x.float()
+            x = x.numpy()
+        arr = np.asarray(x)
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise DataError(f"{self.input_name} must be numeric; got dtype {arr.dtype}.")
+        if np.issubdtype(arr.dtype, np.complexfloating):
+            raise DataError(f"{self.input_name} must be real-valued; got complex dtype {arr.dtype}.")
+        if self._check_shape(arr.shape):
+            arr = arr[:, None]
+        arr = np.ascontiguousarray(arr, dtype=np.float32)  # float64 beyond float32's range becomes inf: caught next
+        if arr.size and not np.isfinite(arr).all():
+            self._bad_rows(np.isfinite(arr.reshape(len(arr), -1)).all(1))
+        return arr
+
+    def _prepare_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_complex():
+            raise DataError(f"{self.input_name} must be real-valued; got complex dtype {x.dtype}.")
+        if self._check_shape(tuple(x.shape)):
+            x = x.unsqueeze(1)
+        x = x.detach().to(torch.float32).contiguous()
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            self._bad_rows(torch.isfinite(x.reshape(len(x), -1)).all(1).cpu().numpy())
+        return x
+
+    # ------------------------------------------------------------------ running
+    def _run_numpy(self, x: np.ndarray) -> AssignResult:
+        n, bs = len(x), self.batch_size
+        if 0 < n <= bs:
+            return AssignResult(*self._session.run(self._outputs, {self.input_name: x}))
+        q = np.empty((n, self.n_clusters), np.float32)
+        label = np.empty((n,), np.int64)
+        confidence = np.empty((n,), np.float32)
+        for i in range(0, n, bs):
+            q[i:i + bs], label[i:i + bs], confidence[i:i + bs] = self._session.run(
+                self._outputs, {self.input_name: x[i:i + bs]})
+        return AssignResult(q, label, confidence)
+
+    def _run_cuda(self, x: torch.Tensor) -> AssignResult:
+        """IOBinding: onnxruntime reads ``x``'s device memory and writes into preallocated CUDA tensors."""
+        dev = x.device
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index != self.device_id:
+            raise ValueError(f"The input is on cuda:{index} but this session runs on cuda:{self.device_id}; move "
+                             f"it or create the assigner with device_id={index}.")
+        n, bs = len(x), self.batch_size
+        q = torch.empty((n, self.n_clusters), dtype=torch.float32, device=dev)
+        label = torch.empty((n,), dtype=torch.int64, device=dev)
+        confidence = torch.empty((n,), dtype=torch.float32, device=dev)
+        torch.cuda.current_stream(dev).synchronize()  # x is fully written before onnxruntime's stream reads it
+        for i in range(0, n, bs):
+            xb = x[i:i + bs]
+            binding = self._session.io_binding()
+            binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(xb.shape), xb.data_ptr())
+            for name, out, dtype in zip(OUTPUT_NAMES, (q, label, confidence), (np.float32, np.int64, np.float32)):
+                part = out[i:i + bs]
+                binding.bind_output(name, "cuda", index, dtype, tuple(part.shape), part.data_ptr())
+            binding.synchronize_inputs()
+            self._session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        return AssignResult(q, label, confidence)
+
+    def assign(self, x: Any) -> AssignResult:
+        """Soft assignments, labels and confidences for ``x`` (numpy array or torch tensor).
+
+        Raises:
+            DataError: wrong rank or sample shape, non-numeric or complex dtype, NaN or inf.
+        """
+        if isinstance(x, torch.Tensor) and x.is_cuda and self.provider == "cuda":
+            xc = self._prepare_cuda(x)
+            if len(xc) == 0:
+                return self._empty(torch.device(xc.device))
+            return self._run_cuda(xc)
+        arr = self._prepare_numpy(x)
+        if len(arr) == 0:
+            return self._empty(None)
+        return self._run_numpy(arr)
+
+    __call__ = assign
+
+    def predict(self, x: Any) -> Any:
+        """Cluster of each row, (N,) int64."""
+        return self.assign(x).label
+
+    def _empty(self, device: Optional[torch.device]) -> AssignResult:
+        if device is not None:
+            return AssignResult(torch.empty((0, self.n_clusters), device=device),
+                                torch.empty((0,), dtype=torch.int64, device=device), torch.empty((0,), device=device))
+        return AssignResult(np.empty((0, self.n_clusters), np.float32), np.empty((0,), np.int64),
+                            np.empty((0,), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def assign_from_cli(args: Any) -> int:
+    """``dcss assign MODEL --data X.npy --out labels.npy [--provider auto|cpu|cuda] [--batch-size N]``."""
+    from dcss_plugin.data import load_array
+    from dcss_plugin.io import atomic_save_npy
+
+    out = os.fspath(args.out)
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a directory; give a file name such as {os.path.join(out, 'labels.npy')!r}.")
+    try:
+        assigner = OnnxClusterAssigner(args.model, provider=getattr(args, "provider", "auto") or "auto",
+                                       batch_size=getattr(args, "batch_size", None) or 65536)
+    except ProviderUnavailableError as exc:  # a user choice that cannot be honoured here: exit status 2
+        raise ValueError(str(exc)) from exc
+    x = load_array(args.data)
+    t0 = time.perf_counter()
+    result = assigner.assign(x)
+    seconds = time.perf_counter() - t0
+    labels = np.asarray(result.label, dtype=np.int64)
+    atomic_save_npy(out, labels)
+    note = f" (CUDA not used: {assigner.fallback_reason})" if assigner.fallback_reason else ""
+    print(f"dcss assign: {len(labels)} rows, K={assigner.n_clusters}, {assigner.export_kind} model, provider "
+          f"{assigner.provider} ({PROVIDERS[assigner.provider]}){note}, {seconds:.3f} s; wrote {out}")
+    return 0
