@@ -79,6 +79,8 @@ class DCSSConfig:
     exclude_self: Optional[bool] = None
     pair_reduction: Optional[str] = None
     positive_loss: str = "log"
+    neighbor_refresh: int = 0
+    conv_channels: Tuple[int, ...] = (32, 64, 128)
     phase2_encoder_lr_factor: float = 1.0
     seed: int = 0
 
@@ -99,6 +101,7 @@ class DCSSConfig:
             raise ValueError(f"Need T1 >= 1 and T2 >= 0, got T1={self.T1}, T2={self.T2}.")
         self.mlp_hidden_dims = tuple(int(h) for h in self.mlp_hidden_dims)
         self.head_hidden_dims = tuple(int(h) for h in self.head_hidden_dims)
+        self.conv_channels = tuple(int(h) for h in self.conv_channels)
 
     def resolved(self) -> "DCSSConfig":
         """A copy with every preset-dependent ``None`` filled in."""
@@ -121,6 +124,7 @@ class DCSSConfig:
         d = asdict(self)
         d["mlp_hidden_dims"] = list(self.mlp_hidden_dims)
         d["head_hidden_dims"] = list(self.head_hidden_dims)
+        d["conv_channels"] = list(self.conv_channels)
         return d
 
     @classmethod

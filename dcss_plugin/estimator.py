@@ -130,8 +130,9 @@ class DCSS:
         if kind == "conv":
             if len(sample_shape) != 3:
                 raise DataError(f"autoencoder='conv' needs images (N, C, H, W); got samples of shape {sample_shape}.")
-            self._ae_spec = {"kind": "conv", "image_shape": list(sample_shape), "latent_dim": cfg.latent_dim}
-            return ConvAutoencoder(sample_shape, latent_dim=cfg.latent_dim)
+            self._ae_spec = {"kind": "conv", "image_shape": list(sample_shape), "latent_dim": cfg.latent_dim,
+                             "channels": list(cfg.conv_channels)}
+            return ConvAutoencoder(sample_shape, latent_dim=cfg.latent_dim, channels=cfg.conv_channels)
         feats = int(np.prod(sample_shape))
         self._ae_spec = {"kind": "mlp", "in_features": feats, "latent_dim": cfg.latent_dim,
                          "hidden_dims": list(cfg.mlp_hidden_dims)}
@@ -140,7 +141,8 @@ class DCSS:
     @staticmethod
     def _autoencoder_from_spec(spec: Dict[str, Any]) -> nn.Module:
         if spec["kind"] == "conv":
-            return ConvAutoencoder(tuple(spec["image_shape"]), latent_dim=int(spec["latent_dim"]))
+            return ConvAutoencoder(tuple(spec["image_shape"]), latent_dim=int(spec["latent_dim"]),
+                                   channels=tuple(spec["channels"]))
         return MLPAutoencoder(int(spec["in_features"]), latent_dim=int(spec["latent_dim"]),
                               hidden_dims=tuple(spec["hidden_dims"]))
 
@@ -266,13 +268,17 @@ class DCSS:
         # ---- Phase 2: MNet + encoder on pairs
         t0 = time.perf_counter()
         knn: Optional[Tensor] = None
-        if cfg.neighbors > 0:
+
+        def mine_neighbors(u_now: Tensor) -> Tensor:
             from sklearn.neighbors import NearestNeighbors
 
             k = min(cfg.neighbors, n - 1)
-            u_np = u_all.cpu().numpy()
+            u_np = u_now.cpu().numpy()
             _, ind = NearestNeighbors(n_neighbors=k + 1).fit(u_np).kneighbors(u_np)
-            knn = torch.as_tensor(ind[:, 1:], dtype=torch.long)
+            return torch.as_tensor(ind[:, 1:], dtype=torch.long)
+
+        if cfg.neighbors > 0:
+            knn = mine_neighbors(u_all)
             history["knn"] = knn.numpy()
         self.head = DCSSHead(cfg.latent_dim, cfg.n_clusters, cfg.head_hidden_dims).to(dev)
         criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
@@ -286,6 +292,10 @@ class DCSS:
             ae.train()
             self.head.train()
             q_space = epoch >= cfg.T2
+            if knn is not None and cfg.neighbor_refresh > 0 and epoch > 0 and epoch % cfg.neighbor_refresh == 0:
+                knn = mine_neighbors(self._encode_all(xn, dev))
+                ae.train()
+                history["knn"] = knn.numpy()
             total, pos_total, pair_total = 0.0, 0.0, 0.0
             for idx in self._batches(n, gen):
                 xa = xn[idx]

@@ -1,4 +1,18 @@
 """ONNX export of fitted DCSS models and an onnxruntime cluster assigner (imported as ``dcss_plugin.export``).
 
-onnx and onnxruntime are imported by the submodules ``onnx`` and ``runtime``, not here.
+* :mod:`dcss_plugin.export.onnx`: ``export_assigner(model_or_run_dir, path, full=False, fp16=False)`` writes one
+  self-contained ``.onnx`` file: input ``u`` (N, d) (head) or ``x`` (N, *sample_shape) (full: normalisation +
+  encoder + head); outputs ``q`` (N, K) float32, ``label`` (N,) int64, ``confidence`` (N,) float32; dynamic batch
+  axis; metadata with K, d, the normalisation, the config, the package version and an integrity digest.
+* :mod:`dcss_plugin.export.runtime`: ``OnnxClusterAssigner(path, provider="auto"|"cuda"|"cpu")`` checks the file
+  and the inputs, reports the provider that really runs, and binds CUDA tensors without a host copy.
+* :mod:`dcss_plugin.export.bench`: ``dcss bench assign``, PyTorch eager versus onnxruntime.
+
+onnx and onnxruntime are imported by those submodules, not here, so ``import dcss_plugin.export`` stays light.
+
+Example:
+    >>> from dcss_plugin.export.onnx import export_assigner
+    >>> from dcss_plugin.export.runtime import OnnxClusterAssigner
+    >>> export_assigner("runs/digits", "runs/digits/assigner.onnx", full=True)
+    >>> OnnxClusterAssigner("runs/digits/assigner.onnx")(x).label       # x: (N, 8, 8) or (N, 1, 8, 8)
 """

@@ -306,15 +306,19 @@ class OnnxClusterAssigner:
             if x.dtype in (torch.bfloat16, torch.float16):
                 x = x.float()
             x = x.numpy()
-        arr = np.asarray(x)
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        arr = x if type(x) is np.ndarray else np.asarray(x)
+        kind = arr.dtype.kind  # b(ool), i/u(nt), f(loat), c(omplex), O/U/S/... (not numbers)
+        if kind not in "biuf":
+            if kind == "c":
+                raise DataError(f"{self.input_name} must be real-valued; got complex dtype {arr.dtype}.")
             raise DataError(f"{self.input_name} must be numeric; got dtype {arr.dtype}.")
-        if np.issubdtype(arr.dtype, np.complexfloating):
-            raise DataError(f"{self.input_name} must be real-valued; got complex dtype {arr.dtype}.")
         if self._check_shape(arr.shape):
             arr = arr[:, None]
-        arr = np.ascontiguousarray(arr, dtype=np.float32)  # float64 beyond float32's range becomes inf: caught next
-        if arr.size and not np.isfinite(arr).all():
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+            with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: caught below
+                arr = np.ascontiguousarray(arr, dtype=np.float32)
+        # NaN/inf make the sum NaN/inf; only then (or on overflow of the sum itself) look row by row
+        if kind == "f" and arr.size and not np.isfinite(arr.sum()):
             self._bad_rows(np.isfinite(arr.reshape(len(arr), -1)).all(1))
         return arr
 
@@ -415,7 +419,8 @@ def assign_from_cli(args: Any) -> int:
     seconds = time.perf_counter() - t0
     labels = np.asarray(result.label, dtype=np.int64)
     atomic_save_npy(out, labels)
-    note = f" (CUDA not used: {assigner.fallback_reason})" if assigner.fallback_reason else ""
+    why = assigner.fallback_reason
+    note = f" (CUDA not used: {why[:120]}{'...' if len(why) > 120 else ''})" if why else ""
     print(f"dcss assign: {len(labels)} rows, K={assigner.n_clusters}, {assigner.export_kind} model, provider "
           f"{assigner.provider} ({PROVIDERS[assigner.provider]}){note}, {seconds:.3f} s; wrote {out}")
     return 0

@@ -1,0 +1,111 @@
+"""The DCSS estimator end to end: quality on real data, reproducibility, persistence, label independence."""
+
+import numpy as np
+import pytest
+import torch
+
+from dcss_plugin import DCSS, DataError, evaluate
+
+FAST = dict(pretrain_epochs=15, phase1_epochs=4, phase2_epochs=15, verbose=False)
+
+
+def blobs(n_per=60, k=4, dim=8, seed=0, spread=1.0):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 5, size=(k, dim))
+    x = np.concatenate([rng.normal(means[i], spread, size=(n_per, dim)) for i in range(k)]).astype(np.float32)
+    y = np.repeat(np.arange(k), n_per)
+    perm = rng.permutation(len(x))  # not sorted by class
+    return x[perm], y[perm]
+
+
+@pytest.fixture(scope="module")
+def blob_model():
+    x, y = blobs()
+    return DCSS(4, seed=0, mlp_hidden_dims=(64, 64), **FAST).fit(x), x, y
+
+
+def test_recovers_well_separated_blobs(blob_model):
+    model, x, y = blob_model
+    assert evaluate(y, model.labels_)["acc"] >= 0.95
+
+
+def test_seeded_runs_are_reproducible_on_cpu(blob_model):
+    model, x, _ = blob_model
+    again = DCSS(4, seed=0, mlp_hidden_dims=(64, 64), device="cpu", **FAST).fit(x)
+    np.testing.assert_array_equal(again.labels_, model.labels_)
+    np.testing.assert_array_equal(again.predict_proba(x), model.predict_proba(x))
+
+
+def test_predictions_do_not_depend_on_batch_composition(blob_model):
+    model, x, _ = blob_model
+    perm = np.random.default_rng(1).permutation(len(x))
+    np.testing.assert_allclose(model.predict_proba(x[perm]), model.predict_proba(x)[perm], atol=1e-6)
+    np.testing.assert_allclose(model.predict_proba(x[:1]), model.predict_proba(x)[:1], atol=1e-6)
+
+
+def test_save_load_roundtrip(blob_model, tmp_path):
+    model, x, _ = blob_model
+    model.save(tmp_path / "m.pt")
+    loaded = DCSS.load(tmp_path / "m.pt")
+    np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+    np.testing.assert_array_equal(loaded.transform(x), model.transform(x))
+    assert loaded.config == model.config
+
+
+def test_labels_are_never_read(blob_model):
+    model, x, y = blob_model
+    other = DCSS(4, seed=0, mlp_hidden_dims=(64, 64), **FAST).fit(x, y=np.zeros(len(x)))
+    np.testing.assert_array_equal(other.labels_, model.labels_)
+
+
+def test_accepts_tensors_datasets_and_loaders(blob_model):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, x, y = blob_model
+    ref = model.predict(x)
+    ds = TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
+    np.testing.assert_array_equal(model.predict(torch.as_tensor(x)), ref)
+    np.testing.assert_array_equal(model.predict(ds), ref)
+    np.testing.assert_array_equal(model.predict(DataLoader(ds, batch_size=17)), ref)
+
+
+def test_bad_input_to_predict_and_fit(blob_model, tmp_path):
+    model, x, _ = blob_model
+    with pytest.raises(DataError, match="shape"):
+        model.predict(x[:, :5])
+    bad = x.copy()
+    bad[0, 0] = np.inf
+    with pytest.raises(DataError, match="NaN or inf"):
+        model.predict(bad)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        DCSS(3).predict(x)
+    with pytest.raises(ValueError, match="preset"):
+        DCSS(3, preset="fast")
+    (tmp_path / "bad.pt").write_bytes(b"\x00corrupt")
+    with pytest.raises(ValueError, match="could not be read"):
+        DCSS.load(tmp_path / "bad.pt")
+    torch.save({"format": "something-else"}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a dcss-plugin"):
+        DCSS.load(tmp_path / "other.pt")
+
+
+def test_paper_preset_runs_faithful_settings():
+    x, y = blobs(seed=2)
+    model = DCSS(4, preset="paper", seed=0, mlp_hidden_dims=(64, 64), **FAST).fit(x)
+    cfg = model.config
+    assert (cfg.m, cfg.lam, cfg.zeta, cfg.gamma, cfg.T1, cfg.T2) == (1.5, 0.1, 0.8, 0.2, 2, 5)
+    assert (cfg.augment, cfg.neighbors, cfg.balance_weight, cfg.exclude_self) == (False, 0, 0.0, False)
+    assert evaluate(y, model.labels_)["acc"] > 0.5  # well above chance (0.25) on easy blobs
+
+
+@pytest.mark.slow
+def test_default_recipe_on_digits_beats_kmeans():
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    km = KMeans(10, n_init=10, random_state=0).fit_predict(d.data)
+    model = DCSS(10, seed=0, verbose=False).fit(d.images)
+    ours, base = evaluate(d.target, model.labels_), evaluate(d.target, km)
+    assert ours["acc"] >= base["acc"] + 0.08, (ours, base)
+    assert ours["nmi"] >= base["nmi"] + 0.08, (ours, base)
