@@ -80,6 +80,8 @@ class DCSSConfig:
     pair_reduction: Optional[str] = None
     positive_loss: str = "log"
     neighbor_refresh: int = 0
+    num_heads: int = 1
+    contrastive_weight: Optional[float] = None
     conv_channels: Tuple[int, ...] = (32, 64, 128)
     phase2_encoder_lr_factor: float = 1.0
     seed: int = 0
@@ -110,9 +112,10 @@ class DCSSConfig:
             "m": 1.5 if paper else 1.2,
             "augment": not paper,
             "neighbors": 0 if paper else 5,
-            "balance_weight": 0.0 if paper else 1.0,
+            "balance_weight": 0.0 if paper else 5.0,
             "exclude_self": not paper,
             "pair_reduction": "mean" if paper else "balanced",
+            "contrastive_weight": 0.0 if paper else 1.0,
         }
         values = asdict(self)
         for key, value in defaults.items():

@@ -23,6 +23,7 @@ from .autoencoders import ConvAutoencoder, MLPAutoencoder
 from .centers import ClusterCenters
 from .config import DCSSConfig
 from .data import DataError, InputNormalizer, as_tensor, validate_features
+from .functional import view_contrastive_loss
 from .heads import DCSSHead
 from .io import atomic_torch_save, load_checkpoint
 from .losses import CenteringLoss, PairwiseSimilarityLoss
@@ -209,8 +210,15 @@ class DCSS:
             total = 0.0
             for idx in self._batches(n, gen):
                 xb = xn[idx].to(dev)
-                x_hat = ae.decode(ae.encode(view(xb))).view_as(xb)
-                loss = (x_hat - xb).pow(2).flatten(1).sum(1).mean()
+                if cfg.contrastive_weight > 0 and aug is not None:
+                    b = len(idx)
+                    u = ae.encode(torch.cat([view(xb), view(xb)]))
+                    x_hat = ae.decode(u).view(2 * b, *xb.shape[1:])
+                    loss = (x_hat - xb.repeat(2, *([1] * (xb.dim() - 1)))).pow(2).flatten(1).sum(1).mean()
+                    loss = loss + cfg.contrastive_weight * view_contrastive_loss(u[:b], u[b:])
+                else:
+                    x_hat = ae.decode(ae.encode(view(xb))).view_as(xb)
+                    loss = (x_hat - xb).pow(2).flatten(1).sum(1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -221,6 +229,8 @@ class DCSS:
                 callback("pretrain", epoch, {"loss": losses[-1]})
         history["loss"]["pretrain"] = losses
         history["time_s"]["pretrain"] = time.perf_counter() - t0
+        log.info("pretrain: %d epochs, %.1f s, final loss %.4f", e0, history["time_s"]["pretrain"],
+                 losses[-1] if losses else float("nan"))
 
         # ---- k-means initialisation of the centers
         t0 = time.perf_counter()
@@ -264,6 +274,8 @@ class DCSS:
         u_all = self._encode_all(xn, dev)
         history["labels_after_phase1"] = self.centers(u_all).argmax(1).cpu().numpy()
         history["time_s"]["phase1"] = time.perf_counter() - t0
+        log.info("phase 1: %d epochs, %.1f s, smallest center distance %.3f", e1, history["time_s"]["phase1"],
+                 min_center_dist[-1] if min_center_dist else float("nan"))
 
         # ---- Phase 2: MNet + encoder on pairs
         t0 = time.perf_counter()
@@ -280,28 +292,33 @@ class DCSS:
         if cfg.neighbors > 0:
             knn = mine_neighbors(u_all)
             history["knn"] = knn.numpy()
-        self.head = DCSSHead(cfg.latent_dim, cfg.n_clusters, cfg.head_hidden_dims).to(dev)
+        heads = nn.ModuleList(
+            DCSSHead(cfg.latent_dim, cfg.n_clusters, cfg.head_hidden_dims) for _ in range(cfg.num_heads)
+        ).to(dev)
         criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
                                             exclude_self=cfg.exclude_self)
         opt = torch.optim.Adam([{"params": ae.parameters(), "lr": cfg.lr * cfg.phase2_encoder_lr_factor},
-                                {"params": self.head.parameters(), "lr": cfg.lr}])
+                                {"params": heads.parameters(), "lr": cfg.lr}])
         two_views = cfg.augment or knn is not None
         losses, pos_share = [], []
+        head_losses = torch.zeros(cfg.num_heads)
         bar = self._progress(e2, "phase 2")
         for epoch in bar:
             ae.train()
-            self.head.train()
+            heads.train()
             q_space = epoch >= cfg.T2
             if knn is not None and cfg.neighbor_refresh > 0 and epoch > 0 and epoch % cfg.neighbor_refresh == 0:
                 knn = mine_neighbors(self._encode_all(xn, dev))
                 ae.train()
                 history["knn"] = knn.numpy()
             total, pos_total, pair_total = 0.0, 0.0, 0.0
+            head_losses.zero_()
             for idx in self._batches(n, gen):
                 xa = xn[idx]
+                b = len(idx)
                 if two_views:
                     if knn is not None:
-                        pick = torch.randint(knn.shape[1], (len(idx),), generator=gen)
+                        pick = torch.randint(knn.shape[1], (b,), generator=gen)
                         xb = xn[knn[idx, pick]]
                     else:
                         xb = xa
@@ -309,34 +326,42 @@ class DCSS:
                 else:
                     inputs = xa.to(dev)
                 u = ae.encode(inputs)
-                q = self.head(u)
-                with torch.no_grad():
-                    if q_space:
-                        s = q @ q.t()
-                    else:
-                        p = self.centers(u)
-                        s = p @ p.t()
-                    pos = (s > cfg.zeta).float().mean().item()
-                loss = criterion2(q, s)
-                if two_views:  # known positives: two views of a sample, or a sample and a u-space neighbour
-                    b = len(idx)
-                    loss = loss + known_positive_loss(q[:b], q[b:], cfg.positive_loss)
-                if cfg.balance_weight > 0:
-                    loss = loss + cfg.balance_weight * balance_penalty(q)
+                p = None if q_space else self.centers(u.detach())
+                loss = u.new_zeros(())
+                for h, head in enumerate(heads):
+                    q = head(u)
+                    with torch.no_grad():
+                        s = q @ q.t() if q_space else p @ p.t()  # type: ignore[union-attr]
+                        if h == 0:
+                            pos = (s > cfg.zeta).float().mean().item()
+                    loss_h = criterion2(q, s)
+                    if two_views:  # known positives: two views of a sample, or a sample and a u-space neighbour
+                        loss_h = loss_h + known_positive_loss(q[:b], q[b:], cfg.positive_loss)
+                    if cfg.balance_weight > 0:
+                        loss_h = loss_h + cfg.balance_weight * balance_penalty(q)
+                    head_losses[h] += loss_h.item() * b
+                    loss = loss + loss_h
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
-                pos_total += pos * len(idx)
-                pair_total += len(idx)
+                total += loss.item() / cfg.num_heads * b
+                pos_total += pos * b
+                pair_total += b
             losses.append(total / n)
             pos_share.append(pos_total / pair_total)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", targets="q" if q_space else "p", pos=f"{pos_share[-1]:.3f}")
             if callback:
                 callback("phase2", epoch, {"loss": losses[-1], "positive_pair_share": pos_share[-1]})
+        # label-free model choice: the head with the lowest Phase-2 loss over the last epoch
+        best = int(torch.argmin(head_losses)) if e2 > 0 else 0
+        history["head_losses_last_epoch"] = (head_losses / n).tolist()
+        history["selected_head"] = best
+        self.head = heads[best]
         history["loss"]["phase2"] = losses
         history["positive_pair_share"] = pos_share
         history["time_s"]["phase2"] = time.perf_counter() - t0
+        log.info("phase 2: %d epochs, %.1f s, final loss %.4f", e2, history["time_s"]["phase2"],
+                 losses[-1] if losses else float("nan"))
         for phase, e in (("pretrain", e0), ("phase1", e1), ("phase2", e2)):
             history["time_per_epoch_s"][phase] = history["time_s"][phase] / max(e, 1)
 

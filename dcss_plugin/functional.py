@@ -22,6 +22,7 @@ __all__ = [
     "centering_loss",
     "pairwise_similarity_loss",
     "pairwise_similarity",
+    "view_contrastive_loss",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -234,3 +235,26 @@ def pairwise_similarity_loss(
         return total
     count = (pos | neg).sum()
     return total / count.clamp_min(1).to(total.dtype)
+
+
+def view_contrastive_loss(u_a: Tensor, u_b: Tensor, temperature: float = 0.5) -> Tensor:
+    """NT-Xent over two views: row i of ``u_a`` and of ``u_b`` are the positive pair, all other rows negatives.
+
+    Used (optionally) beside reconstruction in pretraining so that ``u`` is invariant to the augmentations
+    before k-means initialises the centers. Cosine similarities, temperature ``temperature``.
+
+    Args:
+        u_a, u_b: (B, d) embeddings of two augmented views of the same B samples.
+        temperature: softmax temperature.
+
+    Returns:
+        Scalar loss (mean over the 2B anchors).
+    """
+    if u_a.shape != u_b.shape or u_a.dim() != 2:
+        raise ValueError(f"u_a and u_b must both be (B, d), got {tuple(u_a.shape)} and {tuple(u_b.shape)}.")
+    b = u_a.shape[0]
+    z = torch.nn.functional.normalize(torch.cat([u_a, u_b]), dim=1)
+    logits = z @ z.t() / temperature
+    logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return torch.nn.functional.cross_entropy(logits, target)

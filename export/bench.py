@@ -100,8 +100,14 @@ def _fit_model(seed: int) -> Tuple[Any, np.ndarray]:
     from dcss_plugin.estimator import DCSS
 
     x, _ = load_named_dataset("digits")
-    return DCSS(n_clusters=10, seed=seed, device="cpu", verbose=False, pretrain_epochs=1, phase1_epochs=2,
-                phase2_epochs=1).fit(x), x.numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few-second fit whose quality is irrelevant; one thread is robust on a busy machine
+    try:
+        model = DCSS(n_clusters=10, seed=seed, device="cpu", verbose=False, pretrain_epochs=1, phase1_epochs=2,
+                     phase2_epochs=1, augment=False, neighbors=0).fit(x)
+    finally:
+        torch.set_num_threads(threads)
+    return model, x.numpy()
 
 
 def _inputs(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -118,6 +124,38 @@ def _fmt_us(us: float) -> str:
     return f"{us / 1e3:.1f}ms" if us >= 1e4 else f"{us:.0f}us"
 
 
+def _engines(model: Any, path: str, full: bool, threads: int) -> Tuple[Dict[str, Callable[[np.ndarray], Any]], str]:
+    """The engines to time for one graph, and why ort-cuda is missing (empty when it runs)."""
+    from .runtime import OnnxClusterAssigner
+
+    big = max(BATCH_SIZES)
+    engines: Dict[str, Callable[[np.ndarray], Any]] = {
+        "torch": _torch_engine(model, full),
+        "ort-cpu": OnnxClusterAssigner(path, provider="cpu", batch_size=big, intra_op_threads=threads),
+    }
+    gpu = OnnxClusterAssigner(path, provider="auto", batch_size=big)
+    if gpu.provider == "cuda":
+        engines["ort-cuda"] = gpu
+        return engines, ""
+    return engines, gpu.fallback_reason or "onnxruntime has no CUDA provider"
+
+
+def _time_graph(engines: Dict[str, Callable[[np.ndarray], Any]], data: np.ndarray, repeats: int,
+                quick: bool) -> Dict[Tuple[int, str], Timing]:
+    """Time every engine at every batch size, the engines interleaved round by round."""
+    out: Dict[Tuple[int, str], Timing] = {}
+    for batch in BATCH_SIZES:
+        inputs = np.ascontiguousarray(data[:batch])
+        calls, warm = _calls(batch, quick)
+        for name, fn in engines.items():
+            out[batch, name] = Timing(batch)
+            time_calls(lambda: fn(inputs), warm)
+        for _ in range(repeats):
+            for name, fn in engines.items():
+                out[batch, name].seconds += time_calls(lambda: fn(inputs), calls)
+    return out
+
+
 def run_assign_bench(args: Any) -> int:
     """``dcss bench assign [--seed S] [--repeats R] [--quick]``: print the table; returns the exit status."""
     import onnxruntime as ort
@@ -125,88 +163,67 @@ def run_assign_bench(args: Any) -> int:
     from dcss_plugin import __version__
 
     from .onnx import export_assigner
-    from .runtime import OnnxClusterAssigner
 
     seed = int(getattr(args, "seed", 0) or 0)
-    repeats = max(1, int(getattr(args, "repeats", 3) or 3))
     quick = bool(getattr(args, "quick", False))
-    if quick:
-        repeats = min(repeats, 2)
+    repeats = max(1, int(getattr(args, "repeats", 3) or 3))
+    repeats = min(repeats, 2) if quick else repeats
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     model, digits = _fit_model(seed)
     fit_s = time.perf_counter() - t0
     threads = torch.get_num_threads()
     x_all = _inputs(digits, max(BATCH_SIZES), seed)
-    u_all = model.transform(x_all)
-    k = model.config.n_clusters
+    data = {"full": x_all, "head": model.transform(x_all)}
     results: Dict[Tuple[str, int, str], Timing] = {}
-    engines_used: List[str] = ["torch", "ort-cpu"]
+    names: List[str] = []
     cuda_note = ""
     with tempfile.TemporaryDirectory(prefix="dcss-bench-") as tmp:
-        paths = {kind: export_assigner(model, os.path.join(tmp, f"{kind}.onnx"), full=kind == "full")
-                 for kind in ("head", "full")}
         for kind in ("head", "full"):
-            full = kind == "full"
-            data = x_all if full else u_all
-            engines: Dict[str, Callable[[np.ndarray], Any]] = {"torch": _torch_engine(model, full)}
-            engines["ort-cpu"] = OnnxClusterAssigner(paths[kind], provider="cpu", batch_size=max(BATCH_SIZES),
-                                                     intra_op_threads=threads)
-            gpu = OnnxClusterAssigner(paths[kind], provider="auto", batch_size=max(BATCH_SIZES))
-            if gpu.provider == "cuda":
-                engines["ort-cuda"] = gpu
-                if "ort-cuda" not in engines_used:
-                    engines_used.append("ort-cuda")
-            else:
-                cuda_note = gpu.fallback_reason or "CUDA provider not available"
-            for batch in BATCH_SIZES:
-                inputs = np.ascontiguousarray(data[:batch])
-                calls, warm = _calls(batch, quick)
-                for name, fn in engines.items():
-                    results[kind, batch, name] = Timing(batch)
-                    time_calls(lambda: fn(inputs), warm)
-                for _ in range(repeats):  # interleaved rounds
-                    for name, fn in engines.items():
-                        results[kind, batch, name].seconds += time_calls(lambda: fn(inputs), calls)
-    _print_report(results, engines_used, model, k, threads, repeats, quick, fit_s, cuda_note, __version__, ort)
+            path = export_assigner(model, os.path.join(tmp, f"{kind}.onnx"), full=kind == "full")
+            engines, cuda_note = _engines(model, path, kind == "full", threads)
+            names = list(engines)
+            for (batch, name), timing in _time_graph(engines, data[kind], repeats, quick).items():
+                results[kind, batch, name] = timing
+    print(f"dcss bench assign: digits model (K={model.config.n_clusters}, d={model.config.latent_dim}, "
+          f"{fit_s:.1f} s quick fit), dcss-plugin {__version__}, torch {torch.__version__}, onnxruntime "
+          f"{ort.__version__}, {platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"threads: torch {threads}, onnxruntime intra-op {threads}; load average before the run {load:.2f}; "
+          f"{repeats} interleaved round(s){' (quick)' if quick else ''}; rows/s = rows timed / time; p50/p99 per "
+          "call")
+    _print_table(results, names)
+    _print_bytes(results, names, model)
+    if cuda_note:
+        print(f"ort-cuda: not run ({cuda_note[:200]})")
     return 0
 
 
-def _print_report(results: Dict[Tuple[str, int, str], Timing], engines: List[str], model: Any, k: int,
-                  threads: int, repeats: int, quick: bool, fit_s: float, cuda_note: str, version: str,
-                  ort: Any) -> None:
-    shapes = {"head": (model.config.latent_dim,), "full": tuple(model.input_shape)}
-    print(f"dcss bench assign: digits model (K={k}, d={model.config.latent_dim}, {fit_s:.1f} s quick fit), "
-          f"dcss-plugin {version}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"threads: torch {threads}, onnxruntime intra-op {threads}; {repeats} interleaved round(s)"
-          f"{' (quick)' if quick else ''}; rows/s = rows timed / time; p50/p99 per call")
-    cols = []
-    for e in engines:
-        cols.append(f"{e + ' rows/s':>17}{'p50':>9}{'p99':>9}")
-        if e != "torch":
-            cols[-1] += f"{'ort/torch':>10}"
-    header = f"{'graph':<6}{'batch':>7} " + "".join(cols)
+def _print_table(results: Dict[Tuple[str, int, str], Timing], names: List[str]) -> None:
+    header = f"{'graph':<6}{'batch':>7} "
+    for e in names:
+        header += f"{e + ' rows/s':>17}{'p50':>9}{'p99':>9}" + ("" if e == "torch" else f"{'ort/torch':>10}")
     print(header)
     print("-" * len(header))
     for kind in ("head", "full"):
         for batch in BATCH_SIZES:
             line = f"{kind:<6}{batch:>7} "
             base = results[kind, batch, "torch"].rows_per_s
-            for e in engines:
+            for e in names:
                 t = results[kind, batch, e]
-                line += f"{_fmt_rate(t.rows_per_s):>17}{_fmt_us(t.percentile_us(50)):>9}{_fmt_us(t.percentile_us(99)):>9}"
-                if e != "torch":
-                    line += f"{t.rows_per_s / base:>9.2f}x"
+                line += f"{_fmt_rate(t.rows_per_s):>17}{_fmt_us(t.percentile_us(50)):>9}"
+                line += f"{_fmt_us(t.percentile_us(99)):>9}" + ("" if e == "torch" else f"{t.rows_per_s / base:>9.2f}x")
             print(line)
+
+
+def _print_bytes(results: Dict[Tuple[str, int, str], Timing], names: List[str], model: Any) -> None:
+    shapes = {"head": (model.config.latent_dim,), "full": tuple(model.input_shape)}
+    big = max(BATCH_SIZES)
     print("bytes moved per row (the physical reference; float32 input, q float32, label int64, confidence float32):")
     for kind in ("head", "full"):
-        inp, out = bytes_per_row(shapes[kind], k)
-        best = max(results[kind, max(BATCH_SIZES), e].rows_per_s for e in engines)
-        gbs = best * (inp + out) / 1e9
+        inp, out = bytes_per_row(shapes[kind], model.config.n_clusters)
+        gbs = max(results[kind, big, e].rows_per_s for e in names) * (inp + out) / 1e9
         verdict = ("far below memory bandwidth (~10 GB/s and more): the arithmetic bounds it, not data movement"
                    if gbs < 1.0 else "a sizeable share of memory bandwidth: data movement matters here")
-        print(f"  {kind}: {inp} B in + {out} B out = {inp + out} B/row; the best {max(BATCH_SIZES)}-row rate moves "
-              f"{gbs:.3f} GB/s, {verdict}")
-    if cuda_note:
-        print(f"ort-cuda: not run ({cuda_note[:200]})")
+        print(f"  {kind}: {inp} B in + {out} B out = {inp + out} B/row; the best {big}-row rate moves {gbs:.3f} GB/s, "
+              f"{verdict}")

@@ -20,9 +20,10 @@ run by onnxruntime (CPU, and CUDA where it runs), gives the same label as the fl
 the check data: ``check_data`` when given, else the training data named in the run directory's ``report.json``,
 else samples decoded from the cluster centers (a weaker check; a warning says so). Refusing rather than warning
 keeps the contract "the assigner's labels are the model's labels". What fp16 buys: a file half the size, and
-float16 arithmetic on CUDA. On CPU it buys no speed: onnxruntime's CPU provider has few float16 kernels and
-inserts casts to run these ops in float32 (measured here: batch 65536 about 15% slower than the float32 graph).
-Near-tie rows (two clusters with almost equal ``q``) are where labels flip.
+float16 arithmetic on CUDA. On CPU it buys no speed: onnxruntime 1.31's CPU provider has no float16 kernels for
+these ops and casts every weight back to float32 at load (seen in its optimised graph), so the CPU computes in
+float32 with float16-rounded weights, as fast as the float32 graph within noise. Near-tie rows (two clusters with
+almost equal ``q``) are where labels flip.
 
 Exporter: ``exporter="auto"`` uses torch's TorchScript-based exporter (``dynamo=False``, opset 17) while torch
 ships it: about 0.1 s per export against seconds for the torch.export-based one, and the same graph for these
@@ -44,8 +45,9 @@ import io
 import json
 import logging
 import os
+import sys
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -60,6 +62,7 @@ __all__ = [
     "METADATA_KEYS",
     "OUTPUT_NAMES",
     "AssignerGraph",
+    "build_graph",
     "export_assigner",
     "export_from_cli",
     "metadata_digest",
@@ -191,6 +194,7 @@ def _to_onnx(graph: nn.Module, example: Tensor, input_name: str, exporter: str) 
     """ModelProto of ``graph`` with the chosen exporter; ``auto`` = TorchScript while torch ships it, else dynamo."""
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'auto', 'torchscript' or 'dynamo', got {exporter!r}.")
+    first: Optional[Exception] = None
     if exporter in ("auto", "torchscript"):
         try:
             return _export_torchscript(graph, example, input_name), "torchscript"
@@ -198,7 +202,12 @@ def _to_onnx(graph: nn.Module, example: Tensor, input_name: str, exporter: str) 
             if exporter == "torchscript":
                 raise RuntimeError(f"The TorchScript ONNX exporter failed: {exc}") from exc
             log.info("TorchScript ONNX exporter unavailable (%s); using the dynamo exporter", exc)
-    return _export_dynamo(graph, example, input_name), "dynamo"
+            first = exc
+    try:
+        return _export_dynamo(graph, example, input_name), "dynamo"
+    except Exception as exc:  # noqa: BLE001 - report both attempts
+        tried = f"TorchScript exporter: {first}; " if first is not None else ""
+        raise RuntimeError(f"ONNX export failed ({tried}dynamo exporter: {exc}).") from exc
 
 
 # ---------------------------------------------------------------------------------------------------- metadata
@@ -400,7 +409,7 @@ def export_assigner(model_or_run_dir: Union[DCSS, str, os.PathLike], path: Union
             run's training data when ``report.json`` names it, else samples decoded from the cluster centers.
         exporter: ``"auto"`` (TorchScript exporter while torch ships it, else dynamo), ``"torchscript"`` or
             ``"dynamo"``.
-        verify: run the written graph with onnxruntime (CPU) against PyTorch before writing (always on for fp16).
+        verify: run the exported graph with onnxruntime against PyTorch before writing (always on for fp16).
 
     Returns:
         ``path`` as a string.
@@ -413,7 +422,7 @@ def export_assigner(model_or_run_dir: Union[DCSS, str, os.PathLike], path: Union
     model, run_dir = _resolve_model(model_or_run_dir)
     out = os.fspath(path)
     if os.path.isdir(out):
-        raise ValueError(f"--out {out!r} is a directory; give a file name such as {os.path.join(out, 'assigner.onnx')!r}.")
+        raise ValueError(f"{out!r} is a directory; give a file name such as {os.path.join(out, 'assigner.onnx')!r}.")
     shape = tuple(int(s) for s in model.input_shape)  # type: ignore[union-attr]
     d = int(model.config.latent_dim)
     graph = build_graph(model, full, fp16)
@@ -421,8 +430,8 @@ def export_assigner(model_or_run_dir: Union[DCSS, str, os.PathLike], path: Union
     input_name = "x" if full else "u"
     proto, used = _to_onnx(graph, example, input_name, exporter)
     data = _finalize(proto, _metadata(model, full, fp16, used), full, fp16)
-    if verify or fp16:
-        x, source = _check_inputs(model, run_dir, check_data)
+    if verify or fp16:  # fp32 needs no real data to compare q; fp16 labels are checked on the best data at hand
+        x, source = _check_inputs(model, run_dir if fp16 else None, check_data)
         _verify(model, data, full, fp16, x, source)
         if fp16 and source.startswith("samples decoded"):
             warnings.warn("fp16 labels were checked only on samples decoded from the cluster centers; pass "
@@ -435,7 +444,11 @@ def export_assigner(model_or_run_dir: Union[DCSS, str, os.PathLike], path: Union
 
 def export_from_cli(args: Any) -> int:
     """``dcss export RUN_DIR [--full] [--fp16] --out FILE.onnx``: returns the exit status."""
-    out = export_assigner(args.run_dir, args.out, full=bool(args.full), fp16=bool(args.fp16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        out = export_assigner(args.run_dir, args.out, full=bool(args.full), fp16=bool(args.fp16))
+    for w in caught:
+        print(f"dcss export: warning: {w.message}", file=sys.stderr)
     size = os.path.getsize(out)
     model_kind = "full (x -> q)" if args.full else "head (u -> q)"
     print(f"dcss export: {model_kind} assigner, {'fp16' if args.fp16 else 'fp32'}, {size / 1024:.0f} KiB; "

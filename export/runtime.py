@@ -89,7 +89,8 @@ def read_assigner(path: Union[str, os.PathLike]) -> Tuple[bytes, Dict[str, str]]
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"ONNX model not found: {path!r}. Write one with `dcss export RUN_DIR --out FILE.onnx`.")
+        raise FileNotFoundError(f"ONNX model not found: {path!r}. Write one with `dcss export RUN_DIR --out "
+                                "FILE.onnx`.")
     with open(path, "rb") as fh:
         data = fh.read()
     try:
@@ -143,10 +144,20 @@ def _captured_stderr() -> Iterator[List[str]]:
 
 
 def _why(stderr_text: str) -> str:
-    lines = [_ANSI.sub("", ln).strip() for ln in stderr_text.splitlines()]
-    lines = [re.sub(r"^\S+ \S+ \[[EW]:onnxruntime:[^\]]*\]\s*", "", ln) for ln in lines if ln]
-    text = " | ".join(ln for ln in lines if ln)
-    return text[:600] if text else "onnxruntime gave no reason (check the NVIDIA driver and the CUDA/cuDNN libraries)"
+    """A one-line reason from what onnxruntime printed while failing to start the CUDA provider."""
+    text = _ANSI.sub("", stderr_text)
+    parts = []
+    lib = re.search(r"Failed to load library (\S+) with error: ([^\n]+)", text)
+    if lib:
+        parts.append(f"{os.path.basename(lib.group(1))} failed to load ({lib.group(2).strip()})")
+    need = re.search(r"Require (.+?)\. Please", text)
+    if need:
+        parts.append(f"onnxruntime needs {need.group(1).strip()} and a working NVIDIA driver")
+    if not parts:
+        lines = [re.sub(r"^\S+ \S+ \[[EWI]:onnxruntime:[^\]]*\]\s*", "", ln).strip() for ln in text.splitlines()]
+        parts = [ln for ln in lines if ln][:2]
+    reason = "; ".join(parts)
+    return reason[:400] if reason else "onnxruntime gave no reason (check the NVIDIA driver and CUDA/cuDNN libraries)"
 
 
 def create_session(data: bytes, provider: str = "auto", device_id: int = 0,
@@ -183,8 +194,7 @@ def create_session(data: bytes, provider: str = "auto", device_id: int = 0,
                 providers=[(PROVIDERS["cuda"], {"device_id": int(device_id)}), PROVIDERS["cpu"]])
         if PROVIDERS["cuda"] in session.get_providers():
             return session, "cuda", None
-        reason = ("onnxruntime lists CUDAExecutionProvider but could not start it and fell back to CPU: "
-                  + _why("".join(err)))
+        reason = "the CUDA provider failed to start (onnxruntime fell back to CPU): " + _why("".join(err))
     if provider == "cuda":
         raise ProviderUnavailableError(f"provider='cuda' cannot run here: {reason}. Use provider='cpu', or "
                                        "'auto' (CUDA when it runs, else CPU).")
@@ -202,7 +212,7 @@ class OnnxClusterAssigner:
         provider: ``"auto"`` (CUDA when it really runs, else CPU), ``"cuda"`` or ``"cpu"``.
         batch_size: rows per onnxruntime call; larger inputs are chunked.
         device_id: CUDA device for the CUDA provider.
-        intra_op_threads: onnxruntime intra-op threads (0: onnxruntime's default, one per physical core).
+        intra_op_threads: onnxruntime intra-op threads; 0 is onnxruntime's own default (one per physical core).
 
     Attributes:
         provider: ``"cuda"`` or ``"cpu"``, the provider that actually runs.
@@ -232,19 +242,22 @@ class OnnxClusterAssigner:
         self.device_id = int(device_id)
         data, self.metadata = read_assigner(self.path)
         meta = self.metadata
-        self.input_name: str = meta["input_name"]
-        self.export_kind: str = meta["export_kind"]
-        self.input_shape: Tuple[int, ...] = tuple(int(s) for s in json.loads(meta["input_shape"]))
-        self.sample_shape: Tuple[int, ...] = tuple(int(s) for s in json.loads(meta["sample_shape"]))
-        self.n_clusters = int(meta["n_clusters"])
-        self.latent_dim = int(meta["latent_dim"])
-        self.fp16 = meta["fp16"] == "true"
-        norm = json.loads(meta["normalization"])
-        self.normalization: Dict[str, Any] = {
-            "kind": norm["kind"],
-            "offset": np.asarray(norm["offset"], dtype=np.float32).reshape(norm["offset_shape"]),
-            "scale": np.asarray(norm["scale"], dtype=np.float32).reshape(norm["scale_shape"]),
-        }
+        try:
+            self.input_name: str = meta["input_name"]
+            self.export_kind: str = meta["export_kind"]
+            self.input_shape: Tuple[int, ...] = tuple(int(s) for s in json.loads(meta["input_shape"]))
+            self.sample_shape: Tuple[int, ...] = tuple(int(s) for s in json.loads(meta["sample_shape"]))
+            self.n_clusters = int(meta["n_clusters"])
+            self.latent_dim = int(meta["latent_dim"])
+            self.fp16 = meta["fp16"] == "true"
+            norm = json.loads(meta["normalization"])
+            self.normalization: Dict[str, Any] = {
+                "kind": norm["kind"],
+                "offset": np.asarray(norm["offset"], dtype=np.float32).reshape(norm["offset_shape"]),
+                "scale": np.asarray(norm["scale"], dtype=np.float32).reshape(norm["scale_shape"]),
+            }
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AssignerFileError(f"{self.path!r} has unreadable dcss metadata ({exc}); export it again.") from exc
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = int(intra_op_threads)
@@ -297,8 +310,8 @@ class OnnxClusterAssigner:
     def _bad_rows(self, finite_rows: np.ndarray) -> None:
         rows = np.flatnonzero(~finite_rows)
         if rows.size:
-            raise DataError(f"{self.input_name} contains NaN or inf in {rows.size} row(s) (first: {rows[:5].tolist()}); "
-                            "drop or impute those rows first.")
+            raise DataError(f"{self.input_name} contains NaN or inf in {rows.size} row(s) (first: "
+                            f"{rows[:5].tolist()}); drop or impute those rows first.")
 
     def _prepare_numpy(self, x: Any) -> np.ndarray:
         if isinstance(x, torch.Tensor):
@@ -347,23 +360,29 @@ class OnnxClusterAssigner:
 
     def _run_cuda(self, x: torch.Tensor) -> AssignResult:
         """IOBinding: onnxruntime reads ``x``'s device memory and writes into preallocated CUDA tensors."""
-        dev = x.device
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         if index != self.device_id:
             raise ValueError(f"The input is on cuda:{index} but this session runs on cuda:{self.device_id}; move "
                              f"it or create the assigner with device_id={index}.")
+        torch.cuda.current_stream(x.device).synchronize()  # x is fully written before onnxruntime's stream reads it
+        return self._run_bound(x, "cuda", index)
+
+    def _run_bound(self, x: torch.Tensor, device_type: str, device_id: int) -> AssignResult:
+        """Run on a contiguous float32 tensor through IOBinding, outputs written into tensors on ``x.device``.
+
+        Neither the input nor the outputs leave the device: onnxruntime is handed raw pointers (``data_ptr``).
+        """
         n, bs = len(x), self.batch_size
-        q = torch.empty((n, self.n_clusters), dtype=torch.float32, device=dev)
-        label = torch.empty((n,), dtype=torch.int64, device=dev)
-        confidence = torch.empty((n,), dtype=torch.float32, device=dev)
-        torch.cuda.current_stream(dev).synchronize()  # x is fully written before onnxruntime's stream reads it
+        q = torch.empty((n, self.n_clusters), dtype=torch.float32, device=x.device)
+        label = torch.empty((n,), dtype=torch.int64, device=x.device)
+        confidence = torch.empty((n,), dtype=torch.float32, device=x.device)
         for i in range(0, n, bs):
-            xb = x[i:i + bs]
+            xb = x[i:i + bs]  # rows of a contiguous tensor: contiguous
             binding = self._session.io_binding()
-            binding.bind_input(self.input_name, "cuda", index, np.float32, tuple(xb.shape), xb.data_ptr())
+            binding.bind_input(self.input_name, device_type, device_id, np.float32, tuple(xb.shape), xb.data_ptr())
             for name, out, dtype in zip(OUTPUT_NAMES, (q, label, confidence), (np.float32, np.int64, np.float32)):
                 part = out[i:i + bs]
-                binding.bind_output(name, "cuda", index, dtype, tuple(part.shape), part.data_ptr())
+                binding.bind_output(name, device_type, device_id, dtype, tuple(part.shape), part.data_ptr())
             binding.synchronize_inputs()
             self._session.run_with_iobinding(binding)
             binding.synchronize_outputs()
@@ -378,7 +397,7 @@ class OnnxClusterAssigner:
         if isinstance(x, torch.Tensor) and x.is_cuda and self.provider == "cuda":
             xc = self._prepare_cuda(x)
             if len(xc) == 0:
-                return self._empty(torch.device(xc.device))
+                return self._empty(xc.device)
             return self._run_cuda(xc)
         arr = self._prepare_numpy(x)
         if len(arr) == 0:
@@ -393,8 +412,9 @@ class OnnxClusterAssigner:
 
     def _empty(self, device: Optional[torch.device]) -> AssignResult:
         if device is not None:
-            return AssignResult(torch.empty((0, self.n_clusters), device=device),
-                                torch.empty((0,), dtype=torch.int64, device=device), torch.empty((0,), device=device))
+            return AssignResult(torch.empty((0, self.n_clusters), dtype=torch.float32, device=device),
+                                torch.empty((0,), dtype=torch.int64, device=device),
+                                torch.empty((0,), dtype=torch.float32, device=device))
         return AssignResult(np.empty((0, self.n_clusters), np.float32), np.empty((0,), np.int64),
                             np.empty((0,), np.float32))
 
@@ -420,7 +440,7 @@ def assign_from_cli(args: Any) -> int:
     labels = np.asarray(result.label, dtype=np.int64)
     atomic_save_npy(out, labels)
     why = assigner.fallback_reason
-    note = f" (CUDA not used: {why[:120]}{'...' if len(why) > 120 else ''})" if why else ""
+    note = f" (CUDA not used: {why[:200]}{'...' if len(why) > 200 else ''})" if why else ""
     print(f"dcss assign: {len(labels)} rows, K={assigner.n_clusters}, {assigner.export_kind} model, provider "
           f"{assigner.provider} ({PROVIDERS[assigner.provider]}){note}, {seconds:.3f} s; wrote {out}")
     return 0

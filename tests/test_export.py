@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from dcss_plugin.cli import main  # noqa: E402
 from dcss_plugin.export.onnx import ASSIGNER_FORMAT, METADATA_KEYS, export_assigner  # noqa: E402
 from dcss_plugin.export.runtime import (  # noqa: E402
     AssignerFileError,
+    AssignResult,
     OnnxClusterAssigner,
     ProviderUnavailableError,
     read_assigner,
@@ -28,16 +30,19 @@ BATCHES = [1, 7, 4096]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _float32_default():
-    """Other test modules may switch torch's default dtype; these models are float32."""
-    old = torch.get_default_dtype()
+def _torch_settings():
+    """float32 models (another test module switches torch's default dtype), one torch thread: these tiny fits
+    take ~3 s with one thread, and up to 10x longer with two on a busy 2-core machine."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(1)
     yield
-    torch.set_default_dtype(old)
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def digits(_float32_default):
+def digits(_torch_settings):
     from sklearn.datasets import load_digits
 
     return load_digits().images.astype(np.float32)  # (1797, 8, 8)
@@ -49,7 +54,7 @@ def digits_model(digits):
 
 
 @pytest.fixture(scope="module")
-def vectors(_float32_default):
+def vectors(_torch_settings):
     rng = np.random.default_rng(0)
     means = rng.normal(0, 4, size=(4, 20))
     return (means[rng.integers(0, 4, 400)] + rng.normal(size=(400, 20))).astype(np.float32)
@@ -159,6 +164,7 @@ def test_metadata_contents(files, digits_model, vector_model):
     for (name, kind), path in files.items():
         model = digits_model if name == "digits" else vector_model
         meta = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+        assert read_assigner(path)[1] == meta
         assert set(meta) == set(METADATA_KEYS)
         assert meta["format"] == ASSIGNER_FORMAT and meta["export_kind"] == kind and meta["fp16"] == "false"
         assert int(meta["n_clusters"]) == model.config.n_clusters and int(meta["latent_dim"]) == model.config.latent_dim
@@ -185,21 +191,58 @@ def test_head_input_u_is_the_encoder_output_on_normalised_input(files, digits_mo
 
 
 # ---------------------------------------------------------------------------------------------------- fp16
-def test_fp16_keeps_digits_labels_or_is_refused(tmp_path, digits_model, digits):
+def test_fp16_on_digits_keeps_every_label_or_is_refused(tmp_path, digits_model, digits):
+    """The documented rule: an fp16 file exists only if it gives every digits row its float32 label."""
     try:
         path = export_assigner(digits_model, tmp_path / "fp16.onnx", full=True, fp16=True, check_data=digits)
-    except ValueError as exc:  # the documented alternative: refused, with the count of changed labels
-        assert "fp16 export refused" in str(exc)
+    except ValueError as exc:
+        assert "fp16 export refused: float16 changes the label of" in str(exc)
         assert not os.path.exists(tmp_path / "fp16.onnx")
-        return
+    else:
+        np.testing.assert_array_equal(OnnxClusterAssigner(path, provider="cpu")(digits).label,
+                                      digits_model.predict(digits))
+
+
+@pytest.mark.parametrize("kind", ["head", "full"])
+def test_fp16_export_where_labels_hold(tmp_path, files, digits_model, digits, kind):
+    q32 = digits_model.predict_proba(digits)
+    top2 = np.sort(q32, axis=1)[:, -2:]
+    clear = digits[top2[:, 1] - top2[:, 0] > 0.05]  # rows whose label no rounding can flip
+    assert len(clear) > 100
+    path = export_assigner(digits_model, tmp_path / "fp16.onnx", full=kind == "full", fp16=True, check_data=clear)
     assigner = OnnxClusterAssigner(path, provider="cpu")
     assert assigner.fp16 and assigner.metadata["fp16"] == "true"
-    result = assigner(digits)
-    np.testing.assert_array_equal(result.label, digits_model.predict(digits))
-    np.testing.assert_allclose(result.q, digits_model.predict_proba(digits), atol=5e-3)
-    assert result.q.dtype == np.float32
-    fp16_weights = [t for t in onnx.load(path).graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
-    assert fp16_weights
+    result = assigner(clear[:, None] if kind == "full" else digits_model.transform(clear))
+    assert result.q.dtype == np.float32 and result.confidence.dtype == np.float32
+    np.testing.assert_array_equal(result.label, digits_model.predict(clear))
+    np.testing.assert_allclose(result.q, digits_model.predict_proba(clear), atol=5e-3)
+    proto = onnx.load(path)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 I/O
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    assert os.path.getsize(path) < 0.6 * os.path.getsize(files["digits", kind])
+
+
+def test_fp16_default_check_data(tmp_path, digits_model, digits):
+    """Without check_data: the training file named in the run's report.json, else decoded samples (with a warning)."""
+    q32 = digits_model.predict_proba(digits)
+    top2 = np.sort(q32, axis=1)[:, -2:]
+    clear = digits[top2[:, 1] - top2[:, 0] > 0.05]
+    run_dir = tmp_path / "run"
+    digits_model.save(run_dir / "checkpoint.pt")
+    np.save(tmp_path / "train.npy", clear)
+    (run_dir / "report.json").write_text(json.dumps({"source": f"file:{tmp_path / 'train.npy'}"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "decoded samples" warning: the training file was used
+        export_assigner(run_dir, tmp_path / "a.onnx", fp16=True)
+    (run_dir / "report.json").unlink()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            export_assigner(run_dir, tmp_path / "b.onnx", full=True, fp16=True)
+        except ValueError as exc:
+            assert "samples decoded from the cluster centers" in str(exc)
+        else:
+            assert any("decoded from the cluster centers" in str(w.message) for w in caught)
 
 
 def test_fp16_is_refused_when_labels_change(tmp_path, digits_model, digits):
@@ -311,6 +354,15 @@ def test_provider_cuda_raises_where_cuda_cannot_run(files):
         pytest.skip("CUDA really runs here")
     with pytest.raises(ProviderUnavailableError, match="provider='cuda' cannot run here: .*provider='cpu'"):
         OnnxClusterAssigner(files["digits", "head"], provider="cuda")
+
+
+def test_iobinding_path_on_cpu_memory(files, digits_model, digits):
+    """The pointer-binding code that CUDA tensors use, exercised with CPU tensors (the only memory here)."""
+    assigner = OnnxClusterAssigner(files["digits", "full"], provider="cpu", batch_size=1000)
+    x = torch.from_numpy(digits_batch(digits, 4096, "digits")[:, None])
+    result = assigner._run_bound(x, "cpu", 0)  # 5 chunks, outputs written in place into torch tensors
+    assert isinstance(result.q, torch.Tensor) and result.label.dtype == torch.int64
+    assert_matches(AssignResult(*(t.numpy() for t in result)), digits_model.predict_proba(x.numpy()))
 
 
 @pytest.mark.gpu

@@ -7,7 +7,15 @@ import torch
 
 from dcss_plugin import functional as F
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Reference comparisons in double precision, restored afterwards so other test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def naive_memberships(u, c, m):
@@ -189,3 +197,20 @@ def test_empty_cluster_keeps_previous_center():
     prev = torch.tensor([[9.0, 9.0], [5.0, -5.0]])
     out = F.centers_from_statistics(num, den, prev)
     torch.testing.assert_close(out, torch.tensor([[1.0, 1.0], [5.0, -5.0]]))
+
+
+def test_view_contrastive_loss_matches_naive():
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    t = 0.5
+    z = torch.cat([a, b])
+    z = z / z.norm(dim=1, keepdim=True)
+    total = 0.0
+    for i in range(10):
+        j = (i + 5) % 10
+        den = sum(torch.exp(z[i] @ z[k] / t) for k in range(10) if k != i)
+        total += -torch.log(torch.exp(z[i] @ z[j] / t) / den)
+    torch.testing.assert_close(F.view_contrastive_loss(a, b, t), total / 10)
+    # identical views of well-separated points give a small loss; shuffled partners a large one
+    x = torch.eye(5) * 10
+    assert F.view_contrastive_loss(x, x, 0.1) < F.view_contrastive_loss(x, x.roll(1, 0), 0.1)
