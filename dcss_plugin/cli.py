@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -63,6 +64,28 @@ def _table(rows: List[tuple]) -> str:
     return "\n".join(lines)
 
 
+def _save_samples(out: str, model, x, labels: np.ndarray, y: Optional[np.ndarray], seed: int,
+                  max_rows: int = 3000) -> None:
+    """``samples.npz``: a seeded subsample for pictures — index, u, q, predicted labels, x (images), y (if known)."""
+    from .io import atomic_write_bytes
+
+    import io as _io
+
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    index = np.sort(rng.choice(n, size=min(n, max_rows), replace=False))
+    xs = x[index]
+    arrays = {"index": index.astype(np.int64), "u": model.transform(xs), "q": model.predict_proba(xs),
+              "labels": labels[index].astype(np.int64)}
+    if xs.dim() == 4:
+        arrays["x"] = xs.numpy().astype(np.float32)
+    if y is not None:
+        arrays["y"] = np.asarray(y)[index].astype(np.int64)
+    buf = _io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(os.path.join(out, "samples.npz"), buf.getvalue())
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from .data import DataError, validate_features
     from .estimator import DCSS
@@ -87,8 +110,23 @@ def cmd_fit(args: argparse.Namespace) -> int:
             overrides[key] = val
     model = DCSS(n_clusters=args.clusters, preset=args.preset, device=args.device, verbose=not args.quiet,
                  seed=args.seed, **overrides)
+    log_path = os.path.join(out, "log.jsonl")
+    progress = os.path.join(out, "progress.pt")
+    if args.resume and not os.path.exists(progress):
+        raise CLIError(f"--resume: there is no interrupted run in {out!r} (no progress.pt); run without --resume.")
+    log_fh = open(log_path, "a" if args.resume else "w", encoding="utf-8")
+    t_start = time.perf_counter()
+
+    def on_epoch(phase: str, epoch: int, stats: Dict[str, float]) -> None:
+        rec = {"phase": phase, "epoch": epoch, "elapsed_s": round(time.perf_counter() - t_start, 4), **stats}
+        log_fh.write(json.dumps(rec) + "\n")
+        log_fh.flush()
+
     t0 = time.perf_counter()
-    model.fit(x)
+    try:
+        model.fit(x, callback=on_epoch, checkpoint_path=progress, resume=args.resume)
+    finally:
+        log_fh.close()
     fit_s = time.perf_counter() - t0
     labels = model.labels_
     assert labels is not None
@@ -119,6 +157,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         report["metrics_after_phase1"] = evaluate(y, h["labels_after_phase1"])
         report["kmeans_baseline"] = evaluate(y, km)
     atomic_write_json(os.path.join(out, "report.json"), report)
+    _save_samples(out, model, xv, labels, y, args.seed)
+    os.remove(progress)  # the run is complete: labels, report and checkpoint are written
     print(f"dcss fit: {len(x)} samples, K={args.clusters}, seed={args.seed}, {fit_s:.1f} s on {h['device']}; "
           f"wrote {out}/labels.npy, report.json, checkpoint.pt")
     if y is not None:
@@ -175,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--preset", default="default", choices=["default", "paper"])
     fit.add_argument("--device", default="auto", help="auto | cpu | cuda")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue an interrupted run in --out from its last completed epoch (same arguments)")
     for name in ("pretrain-epochs", "phase1-epochs", "phase2-epochs", "batch-size", "T1", "T2", "latent-dim"):
         fit.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
     for name in ("m", "zeta", "gamma", "lam", "lr"):

@@ -33,6 +33,54 @@ __all__ = ["DCSS", "balance_penalty", "known_positive_loss"]
 log = logging.getLogger("dcss_plugin")
 
 CHECKPOINT_FORMAT = "dcss-plugin/checkpoint-v1"
+PROGRESS_FORMAT = "dcss-plugin/progress-v1"
+
+
+def _cpu_state(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+
+def _fingerprint(x: Tensor) -> Dict[str, Any]:
+    """Identity of the training data (shape and a SHA-256 of the float32 bytes), checked on resume."""
+    import hashlib
+
+    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return {"shape": list(x.shape), "sha256": digest}
+
+
+def _history_to_state(history: Dict[str, Any]) -> Dict[str, Any]:
+    """History with numpy arrays as tensors, so that ``torch.load(weights_only=True)`` reads it back."""
+    return {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in history.items()}
+
+
+def _history_from_state(state: Dict[str, Any], fresh: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(fresh)
+    for k, v in state.items():
+        if k in ("device", "n_samples", "epochs"):
+            continue
+        out[k] = v.numpy() if isinstance(v, Tensor) else v
+    return out
+
+
+def _load_progress(path: str | os.PathLike, cfg: DCSSConfig, data: Dict[str, Any]) -> Dict[str, Any]:
+    """The progress file of an interrupted run, after checking it belongs to this config, version and data."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Nothing to resume: {path!r} does not exist (the run finished, or never started).")
+    state = load_checkpoint(path, PROGRESS_FORMAT)
+    if state.get("version") != __version__:
+        raise ValueError(f"{path!r} was written by dcss-plugin {state.get('version')}, this is {__version__}; "
+                         "start a new run (without --resume) or use that version.")
+    if state.get("config") != cfg.to_dict():
+        theirs = state.get("config") or {}
+        diff = sorted(k for k in set(theirs) | set(cfg.to_dict()) if theirs.get(k) != cfg.to_dict().get(k))
+        raise ValueError(f"{path!r} is from a run with a different config (differs in: {', '.join(diff)}); resume "
+                         "with the same settings, or start a new run in another directory.")
+    if state.get("data") != data:
+        raise ValueError(f"{path!r} is from a run on different data; resume with the same input.")
+    if state.get("phase") not in ("pretrain", "phase1", "phase2"):
+        raise ValueError(f"{path!r} has an unknown phase {state.get('phase')!r}.")
+    return state
 
 
 def balance_penalty(q: Tensor) -> Tensor:
@@ -93,8 +141,9 @@ class DCSS:
     """
 
     def __init__(self, n_clusters: int = 10, preset: str = "default", device: str = "auto", verbose: bool = True,
-                 **kwargs: Any) -> None:
+                 autoencoder_module: Optional[nn.Module] = None, **kwargs: Any) -> None:
         self.config = DCSSConfig(n_clusters=n_clusters, preset=preset, **kwargs)
+        self.autoencoder_module = autoencoder_module
         self.device = device
         self.verbose = verbose
         self.autoencoder: Optional[nn.Module] = None
@@ -125,6 +174,13 @@ class DCSS:
         return x
 
     def _build_autoencoder(self, cfg: DCSSConfig, sample_shape: tuple) -> nn.Module:
+        if self.autoencoder_module is not None:
+            module = self.autoencoder_module
+            for attr in ("encode", "decode"):
+                if not callable(getattr(module, attr, None)):
+                    raise TypeError(f"autoencoder_module must have an `{attr}` method (see dcss_plugin.autoencoders).")
+            self._ae_spec = {"kind": "custom", "class": type(module).__qualname__, "latent_dim": cfg.latent_dim}
+            return module
         kind = cfg.autoencoder
         if kind == "auto":
             kind = "conv" if (len(sample_shape) == 3 and cfg.preset != "paper") else "mlp"
@@ -143,7 +199,7 @@ class DCSS:
     def _autoencoder_from_spec(spec: Dict[str, Any]) -> nn.Module:
         if spec["kind"] == "conv":
             return ConvAutoencoder(tuple(spec["image_shape"]), latent_dim=int(spec["latent_dim"]),
-                                   channels=tuple(spec["channels"]))
+                                   channels=tuple(spec.get("channels", (32, 64, 128))))
         return MLPAutoencoder(int(spec["in_features"]), latent_dim=int(spec["latent_dim"]),
                               hidden_dims=tuple(spec["hidden_dims"]))
 
@@ -169,17 +225,29 @@ class DCSS:
         return tqdm(range(total), desc=desc, disable=not self.verbose, leave=False, dynamic_ncols=True)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: Any, y: Any = None, callback: Optional[Callable[[str, int, Dict[str, float]], None]] = None
-            ) -> "DCSS":
+    def fit(self, X: Any, y: Any = None, callback: Optional[Callable[[str, int, Dict[str, float]], None]] = None,
+            checkpoint_path: Optional[str | os.PathLike] = None, resume: bool = False) -> "DCSS":
         """Run pretraining, k-means initialisation, Phase 1 and Phase 2 on ``X``. ``y`` is ignored.
 
-        ``callback(phase, epoch, stats)``, when given, is called after every epoch (for logging).
+        Args:
+            X: (N, F) vectors, (N, H, W) or (N, C, H, W) images, as an array, tensor, Dataset or DataLoader.
+            y: ignored (accepted for scikit-learn compatibility); labels never steer training.
+            callback: ``callback(phase, epoch, stats)`` after every epoch (for logging).
+            checkpoint_path: when given, the full training state (modules, optimizer, centers, phase, epoch,
+                RNG states) is written there atomically at the end of every epoch.
+            resume: continue from ``checkpoint_path``; the run ends with the same result as an uninterrupted one
+                (on CPU, same seed). The file must come from the same config, version and data.
         """
         cfg = self.config.resolved()
         x = self._prepare(X, fitting=True)
         if len(x) < 2:
             raise DataError("Need at least 2 samples to train.")
         dev = _resolve_device(self.device)
+        resumed: Optional[Dict[str, Any]] = None
+        if resume:
+            if checkpoint_path is None:
+                raise ValueError("resume=True needs checkpoint_path (the progress file of the interrupted run).")
+            resumed = _load_progress(checkpoint_path, cfg, _fingerprint(x))
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.input_shape = tuple(x.shape[1:])
@@ -187,99 +255,55 @@ class DCSS:
         xn = self.normalizer(x).contiguous()
         n = len(xn)
         steps = max(1, math.ceil(n / cfg.batch_size))
-        e0 = _epochs(cfg.pretrain_epochs, 2000, steps, 10, 500)
-        e1 = _epochs(cfg.phase1_epochs, 400, steps, 2 * cfg.T1, 200)
-        e2 = _epochs(cfg.phase2_epochs, 1600, steps, cfg.T2 + 10, 500)
-        self.autoencoder = self._build_autoencoder(cfg, self.input_shape).to(dev)
+        epochs = {
+            "pretrain": _epochs(cfg.pretrain_epochs, 500, steps, 10, 500),
+            "phase1": _epochs(cfg.phase1_epochs, 80, steps, 2 * cfg.T1, 200),
+            "phase2": _epochs(cfg.phase2_epochs, 1600, steps, cfg.T2 + 10, 500),
+        }
+        ae = self._build_autoencoder(cfg, self.input_shape).to(dev)
+        self.autoencoder = ae
+        self.centers = ClusterCenters(cfg.n_clusters, cfg.latent_dim, m=cfg.m).to(dev)
         feature_std = xn.flatten(1).std(0) if xn.dim() == 2 else None
         aug = default_augmentation(xn[0], feature_std).to(dev) if cfg.augment else None
-        history: Dict[str, Any] = {"epochs": {"pretrain": e0, "phase1": e1, "phase2": e2}, "loss": {}, "time_s": {},
-                                   "time_per_epoch_s": {}, "device": str(dev), "n_samples": n}
+        target_of = getattr(ae, "reconstruction_target", None)
+        history: Dict[str, Any] = {"epochs": epochs, "loss": {"pretrain": [], "phase1": [], "phase2": []},
+                                   "time_s": {"pretrain": 0.0, "kmeans_init": 0.0, "phase1": 0.0, "phase2": 0.0},
+                                   "time_per_epoch_s": {}, "device": str(dev), "n_samples": n,
+                                   "min_center_distance": [], "positive_pair_share": []}
+        phase_order = ["pretrain", "phase1", "phase2", "done"]
+        start_phase, start_epoch = "pretrain", 0
+        heads: Optional[nn.ModuleList] = None
+        knn: Optional[Tensor] = None
+        if resumed is not None:
+            start_phase, start_epoch = str(resumed["phase"]), int(resumed["epoch"])
+            ae.load_state_dict(resumed["autoencoder"])
+            self.centers.load_state_dict(resumed["centers"])
+            history = _history_from_state(resumed["history"], history)
+            gen.set_state(resumed["generator"])
+            torch.set_rng_state(resumed["torch_rng"])
+            if resumed.get("knn") is not None:
+                knn = resumed["knn"]
+            log.info("resuming at %s epoch %d", start_phase, start_epoch)
 
         def view(batch: Tensor) -> Tensor:
             return aug(batch, gen) if aug is not None else batch
 
-        # ---- pretraining: (denoising) reconstruction
-        t0 = time.perf_counter()
-        ae = self.autoencoder
-        opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
-        losses: List[float] = []
-        bar = self._progress(e0, "pretrain")
-        for epoch in bar:
-            ae.train()
-            total = 0.0
-            for idx in self._batches(n, gen):
-                xb = xn[idx].to(dev)
-                if cfg.contrastive_weight > 0 and aug is not None:
-                    b = len(idx)
-                    u = ae.encode(torch.cat([view(xb), view(xb)]))
-                    x_hat = ae.decode(u).view(2 * b, *xb.shape[1:])
-                    loss = (x_hat - xb.repeat(2, *([1] * (xb.dim() - 1)))).pow(2).flatten(1).sum(1).mean()
-                    loss = loss + cfg.contrastive_weight * view_contrastive_loss(u[:b], u[b:])
-                else:
-                    x_hat = ae.decode(ae.encode(view(xb))).view_as(xb)
-                    loss = (x_hat - xb).pow(2).flatten(1).sum(1).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            losses.append(total / n)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if callback:
-                callback("pretrain", epoch, {"loss": losses[-1]})
-        history["loss"]["pretrain"] = losses
-        history["time_s"]["pretrain"] = time.perf_counter() - t0
-        log.info("pretrain: %d epochs, %.1f s, final loss %.4f", e0, history["time_s"]["pretrain"],
-                 losses[-1] if losses else float("nan"))
+        def target(batch: Tensor) -> Tensor:
+            return target_of(batch) if target_of is not None else batch
 
-        # ---- k-means initialisation of the centers
-        t0 = time.perf_counter()
-        self.centers = ClusterCenters(cfg.n_clusters, cfg.latent_dim, m=cfg.m).to(dev)
-        u_all = self._encode_all(xn, dev)
-        self.centers.init_kmeans(u_all, seed=cfg.seed)
-        history["labels_after_pretrain"] = self.centers(u_all).argmax(1).cpu().numpy()
-        history["time_s"]["kmeans_init"] = time.perf_counter() - t0
-
-        # ---- Phase 1: the K cluster-specific losses in one pass; centers re-estimated every T1 epochs
-        t0 = time.perf_counter()
-        criterion1 = CenteringLoss(m=cfg.m, lam=cfg.lam, reduction="mean")
-        opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr * cfg.phase1_lr_factor)
-        losses = []
-        min_center_dist: List[float] = []
-        bar = self._progress(e1, "phase 1")
-        for epoch in bar:
-            ae.train()
-            total = 0.0
-            for idx in self._batches(n, gen):
-                xb = xn[idx].to(dev)
-                u = ae.encode(xb)
-                x_hat = ae.decode(u).view_as(xb)
-                loss = criterion1(xb, x_hat, u, self.centers.centers, self.centers(u.detach()))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-            if (epoch + 1) % cfg.T1 == 0:
-                u_all = self._encode_all(xn, dev)
-                self.centers.accumulate(u_all)
-                self.centers.update()
-            losses.append(total / n)
-            cd = torch.pdist(self.centers.centers).min().item()
-            min_center_dist.append(cd)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", min_center_dist=f"{cd:.3f}")
-            if callback:
-                callback("phase1", epoch, {"loss": losses[-1], "min_center_distance": cd})
-        history["loss"]["phase1"] = losses
-        history["min_center_distance"] = min_center_dist
-        u_all = self._encode_all(xn, dev)
-        history["labels_after_phase1"] = self.centers(u_all).argmax(1).cpu().numpy()
-        history["time_s"]["phase1"] = time.perf_counter() - t0
-        log.info("phase 1: %d epochs, %.1f s, smallest center distance %.3f", e1, history["time_s"]["phase1"],
-                 min_center_dist[-1] if min_center_dist else float("nan"))
-
-        # ---- Phase 2: MNet + encoder on pairs
-        t0 = time.perf_counter()
-        knn: Optional[Tensor] = None
+        def save_progress(phase: str, epoch: int, opt: Optional[torch.optim.Optimizer]) -> None:
+            if checkpoint_path is None:
+                return
+            state = {
+                "format": PROGRESS_FORMAT, "version": __version__, "config": cfg.to_dict(),
+                "data": _fingerprint(x), "phase": phase, "epoch": epoch,
+                "autoencoder": _cpu_state(ae.state_dict()), "centers": _cpu_state(self.centers.state_dict()),
+                "heads": _cpu_state(heads.state_dict()) if heads is not None and phase == "phase2" else None,
+                "optimizer": opt.state_dict() if opt is not None else None,
+                "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "knn": knn if phase == "phase2" else None, "history": _history_to_state(history),
+            }
+            atomic_torch_save(state, checkpoint_path)
 
         def mine_neighbors(u_now: Tensor) -> Tensor:
             from sklearn.neighbors import NearestNeighbors
@@ -289,30 +313,125 @@ class DCSS:
             _, ind = NearestNeighbors(n_neighbors=k + 1).fit(u_np).kneighbors(u_np)
             return torch.as_tensor(ind[:, 1:], dtype=torch.long)
 
-        if cfg.neighbors > 0:
-            knn = mine_neighbors(u_all)
-            history["knn"] = knn.numpy()
+        def restore_optimizer(opt: torch.optim.Optimizer, phase: str) -> int:
+            """First epoch to run in ``phase``; loads the optimizer state when resuming inside it."""
+            if resumed is not None and phase == start_phase and start_epoch > 0:
+                opt.load_state_dict(resumed["optimizer"])
+                return start_epoch
+            return 0
+
+        # ---- pretraining: (denoising) reconstruction, plus agreement of two views' u when augmenting
+        if phase_order.index(start_phase) <= 0:
+            opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
+            first = restore_optimizer(opt, "pretrain")
+            bar = self._progress(epochs["pretrain"], "pretrain")
+            bar.update(first)
+            for epoch in range(first, epochs["pretrain"]):
+                t0 = time.perf_counter()
+                ae.train()
+                total = 0.0
+                for idx in self._batches(n, gen):
+                    xb = xn[idx].to(dev)
+                    if cfg.contrastive_weight > 0 and aug is not None:
+                        b = len(idx)
+                        u = ae.encode(torch.cat([view(xb), view(xb)]))
+                        tb = target(xb)
+                        x_hat = ae.decode(u).view(2 * b, *tb.shape[1:])
+                        loss = (x_hat - tb.repeat(2, *([1] * (tb.dim() - 1)))).pow(2).flatten(1).sum(1).mean()
+                        loss = loss + cfg.contrastive_weight * view_contrastive_loss(u[:b], u[b:])
+                    else:
+                        tb = target(xb)
+                        x_hat = ae.decode(ae.encode(view(xb))).view_as(tb)
+                        loss = (x_hat - tb).pow(2).flatten(1).sum(1).mean()
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item() * len(idx)
+                history["loss"]["pretrain"].append(total / n)
+                history["time_s"]["pretrain"] += time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / n:.4f}")
+                if callback:
+                    callback("pretrain", epoch, {"loss": total / n})
+                save_progress("pretrain", epoch + 1, opt)
+            bar.close()
+            log.info("pretrain: %d epochs, %.1f s", epochs["pretrain"], history["time_s"]["pretrain"])
+
+            # ---- k-means initialisation of the centers
+            t0 = time.perf_counter()
+            u_all = self._encode_all(xn, dev)
+            self.centers.init_kmeans(u_all, seed=cfg.seed)
+            history["labels_after_pretrain"] = self.centers(u_all).argmax(1).cpu().numpy()
+            history["time_s"]["kmeans_init"] = time.perf_counter() - t0
+            start_phase, start_epoch = "phase1", 0
+            save_progress("phase1", 0, None)
+
+        # ---- Phase 1: the K cluster-specific losses in one pass; centers re-estimated every T1 epochs
+        if phase_order.index(start_phase) <= 1:
+            criterion1 = CenteringLoss(m=cfg.m, lam=cfg.lam, reduction="mean")
+            opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr * cfg.phase1_lr_factor)
+            first = restore_optimizer(opt, "phase1")
+            bar = self._progress(epochs["phase1"], "phase 1")
+            bar.update(first)
+            for epoch in range(first, epochs["phase1"]):
+                t0 = time.perf_counter()
+                ae.train()
+                total = 0.0
+                for idx in self._batches(n, gen):
+                    xb = xn[idx].to(dev)
+                    u = ae.encode(xb)
+                    tb = target(xb)
+                    x_hat = ae.decode(u).view_as(tb)
+                    loss = criterion1(tb, x_hat, u, self.centers.centers, self.centers(u.detach()))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.item() * len(idx)
+                if (epoch + 1) % cfg.T1 == 0:
+                    self.centers.accumulate(self._encode_all(xn, dev))
+                    self.centers.update()
+                cd = torch.pdist(self.centers.centers).min().item()
+                history["loss"]["phase1"].append(total / n)
+                history["min_center_distance"].append(cd)
+                history["time_s"]["phase1"] += time.perf_counter() - t0
+                bar.update(1)
+                bar.set_postfix(loss=f"{total / n:.4f}", min_center_dist=f"{cd:.3f}")
+                if callback:
+                    callback("phase1", epoch, {"loss": total / n, "min_center_distance": cd})
+                save_progress("phase1", epoch + 1, opt)
+            bar.close()
+            u_all = self._encode_all(xn, dev)
+            history["labels_after_phase1"] = self.centers(u_all).argmax(1).cpu().numpy()
+            if cfg.neighbors > 0:
+                knn = mine_neighbors(u_all)
+            log.info("phase 1: %d epochs, %.1f s", epochs["phase1"], history["time_s"]["phase1"])
+            start_phase, start_epoch = "phase2", 0
+            save_progress("phase2", 0, None)
+
+        # ---- Phase 2: MNet (several heads; the lowest-loss one is kept) + encoder on pairs
         heads = nn.ModuleList(
             DCSSHead(cfg.latent_dim, cfg.n_clusters, cfg.head_hidden_dims) for _ in range(cfg.num_heads)
         ).to(dev)
+        if resumed is not None and resumed.get("heads") is not None and start_phase == "phase2":
+            heads.load_state_dict(resumed["heads"])
         criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
                                             exclude_self=cfg.exclude_self)
         opt = torch.optim.Adam([{"params": ae.parameters(), "lr": cfg.lr * cfg.phase2_encoder_lr_factor},
                                 {"params": heads.parameters(), "lr": cfg.lr}])
+        first = restore_optimizer(opt, "phase2")
         two_views = cfg.augment or knn is not None
-        losses, pos_share = [], []
-        head_losses = torch.zeros(cfg.num_heads)
-        bar = self._progress(e2, "phase 2")
-        for epoch in bar:
-            ae.train()
-            heads.train()
+        head_losses = torch.tensor(history.get("head_losses_last_epoch", [0.0] * cfg.num_heads)) * n
+        bar = self._progress(epochs["phase2"], "phase 2")
+        bar.update(first)
+        for epoch in range(first, epochs["phase2"]):
+            t0 = time.perf_counter()
             q_space = epoch >= cfg.T2
             if knn is not None and cfg.neighbor_refresh > 0 and epoch > 0 and epoch % cfg.neighbor_refresh == 0:
                 knn = mine_neighbors(self._encode_all(xn, dev))
-                ae.train()
-                history["knn"] = knn.numpy()
-            total, pos_total, pair_total = 0.0, 0.0, 0.0
-            head_losses.zero_()
+            ae.train()
+            heads.train()
+            total, pos_total = 0.0, 0.0
+            head_losses = torch.zeros(cfg.num_heads)
             for idx in self._batches(n, gen):
                 xa = xn[idx]
                 b = len(idx)
@@ -328,6 +447,7 @@ class DCSS:
                 u = ae.encode(inputs)
                 p = None if q_space else self.centers(u.detach())
                 loss = u.new_zeros(())
+                pos = 0.0
                 for h, head in enumerate(heads):
                     q = head(u)
                     with torch.no_grad():
@@ -346,23 +466,26 @@ class DCSS:
                 opt.step()
                 total += loss.item() / cfg.num_heads * b
                 pos_total += pos * b
-                pair_total += b
-            losses.append(total / n)
-            pos_share.append(pos_total / pair_total)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", targets="q" if q_space else "p", pos=f"{pos_share[-1]:.3f}")
+            history["loss"]["phase2"].append(total / n)
+            history["positive_pair_share"].append(pos_total / n)
+            history["head_losses_last_epoch"] = (head_losses / n).tolist()
+            history["time_s"]["phase2"] += time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / n:.4f}", targets="q" if q_space else "p", pos=f"{pos_total / n:.3f}")
             if callback:
-                callback("phase2", epoch, {"loss": losses[-1], "positive_pair_share": pos_share[-1]})
+                callback("phase2", epoch, {"loss": total / n, "positive_pair_share": pos_total / n})
+            save_progress("phase2", epoch + 1, opt)
+        bar.close()
         # label-free model choice: the head with the lowest Phase-2 loss over the last epoch
-        best = int(torch.argmin(head_losses)) if e2 > 0 else 0
-        history["head_losses_last_epoch"] = (head_losses / n).tolist()
+        last = history.get("head_losses_last_epoch", [0.0] * cfg.num_heads)
+        best = int(np.argmin(last)) if epochs["phase2"] > 0 else 0
         history["selected_head"] = best
+        if knn is not None:
+            history["knn"] = knn.numpy()
         self.head = heads[best]
-        history["loss"]["phase2"] = losses
-        history["positive_pair_share"] = pos_share
-        history["time_s"]["phase2"] = time.perf_counter() - t0
-        log.info("phase 2: %d epochs, %.1f s, final loss %.4f", e2, history["time_s"]["phase2"],
-                 losses[-1] if losses else float("nan"))
-        for phase, e in (("pretrain", e0), ("phase1", e1), ("phase2", e2)):
+        log.info("phase 2: %d epochs, %.1f s, head %d of %d kept", epochs["phase2"], history["time_s"]["phase2"],
+                 best, cfg.num_heads)
+        for phase, e in epochs.items():
             history["time_per_epoch_s"][phase] = history["time_s"][phase] / max(e, 1)
 
         self.config = cfg
@@ -427,9 +550,18 @@ class DCSS:
         atomic_torch_save(self.state_dict(), path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "cpu") -> "DCSS":
-        """Load a checkpoint written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled)."""
+    def load(cls, path: str | os.PathLike, device: str = "cpu", autoencoder_module: Optional[nn.Module] = None
+             ) -> "DCSS":
+        """Load a checkpoint written by :meth:`save` (``torch.load(weights_only=True)``: no code is unpickled).
+
+        A model trained with a custom ``autoencoder_module`` needs a module of the same architecture passed
+        again; its weights are loaded from the file.
+        """
         state = load_checkpoint(path, CHECKPOINT_FORMAT)
+        spec = state.get("autoencoder_spec") or {}
+        if spec.get("kind") == "custom" and autoencoder_module is None:
+            raise ValueError(f"{os.fspath(path)!r} was trained with a custom autoencoder ({spec.get('class')}); pass "
+                             "an instance of the same architecture as autoencoder_module=.")
         try:
             cfg = DCSSConfig.from_dict(dict(state["config"]))
             model = cls(device=device, verbose=False, **{k: v for k, v in cfg.to_dict().items()
@@ -440,7 +572,8 @@ class DCSS:
             model.input_shape = tuple(int(s) for s in state["input_shape"])
             model.normalizer = InputNormalizer.from_state_dict(state["normalizer"])
             dev = _resolve_device(device)
-            model.autoencoder = cls._autoencoder_from_spec(model._ae_spec)
+            model.autoencoder = (autoencoder_module if model._ae_spec.get("kind") == "custom"
+                                 else cls._autoencoder_from_spec(model._ae_spec))
             model.autoencoder.load_state_dict(state["autoencoder"])
             model.centers = ClusterCenters(cfg.n_clusters, cfg.latent_dim, m=cfg.m or 1.5)
             model.centers.load_state_dict(state["centers"])
