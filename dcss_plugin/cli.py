@@ -159,6 +159,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     atomic_write_json(os.path.join(out, "report.json"), report)
     _save_samples(out, model, xv, labels, y, args.seed)
     os.remove(progress)  # the run is complete: labels, report and checkpoint are written
+    if not args.no_html:
+        try:
+            from .report import write_report
+
+            html = write_report(out)
+            print(f"dcss fit: report page {html}")
+        except Exception as exc:  # noqa: BLE001 - pictures are extras; the run's results are already saved
+            log.warning("could not write the HTML report: %s", exc)
+            print(f"dcss fit: warning: HTML report not written ({exc}); run `dcss report {out}` to retry",
+                  file=sys.stderr)
     print(f"dcss fit: {len(x)} samples, K={args.clusters}, seed={args.seed}, {fit_s:.1f} s on {h['device']}; "
           f"wrote {out}/labels.npy, report.json, checkpoint.pt")
     if y is not None:
@@ -166,6 +176,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       ("  after pretrain + k-means", report["metrics_after_pretrain_kmeans"]),
                       ("  after phase 1", report["metrics_after_phase1"]),
                       ("k-means on the raw input", report["kmeans_baseline"])]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir))
     return 0
 
 
@@ -215,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--preset", default="default", choices=["default", "paper"])
     fit.add_argument("--device", default="auto", help="auto | cpu | cuda")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
+    fit.add_argument("--no-html", action="store_true", help="skip the HTML report with pictures")
     fit.add_argument("--resume", action="store_true",
                      help="continue an interrupted run in --out from its last completed epoch (same arguments)")
     for name in ("pretrain-epochs", "phase1-epochs", "phase2-epochs", "batch-size", "T1", "T2", "latent-dim"):
@@ -222,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("m", "zeta", "gamma", "lam", "lr"):
         fit.add_argument(f"--{name}", type=float)
     fit.set_defaults(func=cmd_fit)
+
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html (config, timings, metrics, pictures)")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmarks: 'fit' (phases, quality, one-pass vs K-step Phase 1)")
     bench.add_argument("what", nargs="?", default="fit", choices=["fit", "assign"])

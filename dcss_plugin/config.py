@@ -14,8 +14,15 @@ choice made without labels:
 * Known positive pairs in Phase 2: two augmented views of one sample, and a sample with one of its
   ``neighbors`` nearest neighbours in u-space (found once, after Phase 1). Their target ``s_ij`` is set to 1;
   all other pairs keep the paper's thresholded ``p p^T`` / ``q q^T`` targets. Self-pairs are excluded.
-* A balance guard: ``balance_weight * KL(mean q || uniform)`` added to the Phase-2 loss, so that a single
-  cluster (which has zero pairwise loss once targets are ``q q^T``) is not a minimum.
+* A balance guard: ``balance_weight * KL(mean q || uniform)`` (weight 5) added to the Phase-2 loss, so that a
+  single cluster (which has zero pairwise loss once targets are ``q q^T``) is not a minimum.
+* The pull on known positives is ``-log(q_a . q_b)`` (its gradient does not vanish on total disagreement);
+  thresholded pairs keep the paper's terms, with pulled and pushed pairs weighted equally (``"balanced"``).
+* Pretraining adds an NT-Xent term between the ``u`` of two augmented views (label-free), so that k-means on
+  ``u`` starts Phase 1 from a better partition; neighbours are re-mined every 50 Phase-2 epochs.
+
+Epoch counts default to a step budget (pretraining 500 optimizer steps, Phase 1 80, Phase 2 1600, with floors),
+so small data gets more epochs and large data fewer.
 """
 
 from __future__ import annotations
@@ -52,6 +59,12 @@ class DCSSConfig:
         balance_weight: weight of the KL(mean q || uniform) guard in Phase 2 (0 turns it off).
         exclude_self: drop i == j pairs from the pairwise loss.
         pair_reduction: reduction of the pairwise loss: ``"mean"`` (paper) or ``"balanced"`` (default preset).
+        positive_loss: pull term on known positive pairs: ``"log"`` (``-log q_a.q_b``) or ``"linear"``.
+        phase2_encoder_lr_factor: encoder learning rate in Phase 2, relative to ``lr``.
+        neighbor_refresh: re-mine the u-space neighbours every this many Phase-2 epochs (0: mine once).
+        num_heads: MNet heads trained side by side in Phase 2; the one with the lowest loss is kept (label-free).
+        contrastive_weight: weight of an NT-Xent term between two views' ``u`` in pretraining (0: off).
+        conv_channels: widths of the conv autoencoder's stages.
         seed: seeds every random choice (runs on CPU are reproducible).
     """
 
@@ -79,7 +92,7 @@ class DCSSConfig:
     exclude_self: Optional[bool] = None
     pair_reduction: Optional[str] = None
     positive_loss: str = "log"
-    neighbor_refresh: int = 0
+    neighbor_refresh: Optional[int] = None
     num_heads: int = 1
     contrastive_weight: Optional[float] = None
     conv_channels: Tuple[int, ...] = (32, 64, 128)
@@ -116,6 +129,7 @@ class DCSSConfig:
             "exclude_self": not paper,
             "pair_reduction": "mean" if paper else "balanced",
             "contrastive_weight": 0.0 if paper else 1.0,
+            "neighbor_refresh": 0 if paper else 50,
         }
         values = asdict(self)
         for key, value in defaults.items():

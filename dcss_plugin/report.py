@@ -22,7 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -214,14 +214,17 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    """A JSON value as escaped text: floats rounded, containers as compact JSON, None as an em dash."""
+def _fmt(value: Any, digits: Optional[int] = 4) -> str:
+    """A JSON value as escaped text: floats rounded (``digits=None``: shortest exact form), containers as compact
+    JSON, None as an em dash."""
     if value is None:
         return "&mdash;"
     if isinstance(value, bool):
         return _esc(str(value).lower())
     if isinstance(value, float):
-        return _esc(f"{value:.{digits}f}" if math.isfinite(value) else str(value))
+        if digits is None or not math.isfinite(value):
+            return _esc(repr(value))
+        return _esc(f"{value:.{digits}f}")
     if isinstance(value, (list, tuple, dict)):
         return _esc(json.dumps(value))
     return _esc(value)
@@ -282,7 +285,7 @@ def _timings_section(run: RunData) -> str:
     rows = [[_esc(p), _fmt(epochs.get(p)), _fmt(timings.get(p), 3), _fmt(per_epoch.get(p), 3),
              _fmt(final.get(p))] for p in dict.fromkeys(phases)]
     other = [[_esc(k), _fmt(v, 3)] for k, v in timings.items() if k not in phases]
-    parts = [f'<section id="timings">\n<h2>Timings</h2>',
+    parts = ['<section id="timings">\n<h2>Timings</h2>',
              _table(["phase", "epochs", "total (s)", "per epoch (s)", "final loss"], rows, "num")]
     if other:
         parts.append("<h3>Other steps</h3>")
@@ -295,19 +298,28 @@ def _config_section(run: RunData) -> str:
     cfg = run.report.get("config")
     if not isinstance(cfg, dict) or not cfg:
         return ""
-    rows = [[f"<code>{_esc(k)}</code>", _fmt(v, 6)] for k, v in cfg.items()]
+    rows = [[f"<code>{_esc(k)}</code>", _fmt(v, None)] for k, v in cfg.items()]
     return f'<section id="config">\n<h2>Configuration</h2>\n{_table(["parameter", "value"], rows, "kv2")}\n</section>'
 
 
 def _figures_section(figures: Sequence[ReportFigure]) -> str:
     if not figures:
         return ""
-    items = []
+    items: List[str] = []
+    maps: List[str] = []
     for fig in figures:
         data = base64.b64encode(fig.png).decode("ascii")
-        items.append(f'<figure id="fig-{_esc(fig.key)}">\n<h3>{_esc(fig.title)}</h3>\n'
-                     f'<img src="data:image/png;base64,{data}" alt="{_esc(fig.title)}">\n'
-                     f'<figcaption>{_esc(fig.caption)}</figcaption>\n</figure>')
+        item = (f'<figure id="fig-{_esc(fig.key)}">\n<h3>{_esc(fig.title)}</h3>\n'
+                f'<img src="data:image/png;base64,{data}" alt="{_esc(fig.title)}">\n'
+                f'<figcaption>{_esc(fig.caption)}</figcaption>\n</figure>')
+        if fig.key.startswith("map_"):  # the 2-D maps of u and q sit side by side
+            if not maps:
+                items.append("")  # placeholder, filled below
+            maps.append(item)
+        else:
+            items.append(item)
+    if maps:
+        items[items.index("")] = '<div class="row">\n' + "\n".join(maps) + "\n</div>"
     return '<section id="pictures">\n<h2>Pictures</h2>\n' + "\n".join(items) + "\n</section>"
 
 
@@ -331,6 +343,8 @@ code{font-family:SFMono-Regular,Menlo,Consolas,monospace;font-size:0.95em}
 figure{margin:14px 0 22px}
 figure img{max-width:100%;height:auto;border:1px solid #eceef2;border-radius:4px;background:#fff}
 figcaption{color:#5a6273;font-size:0.9em;margin-top:4px}
+.row{display:flex;flex-wrap:wrap;gap:18px}
+.row figure{flex:1 1 480px;min-width:0}
 .note{color:#5a6273;font-size:0.88em}
 footer{color:#8a91a0;font-size:0.85em;margin-top:24px}
 """

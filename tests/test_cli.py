@@ -11,7 +11,7 @@ import torch
 
 from dcss_plugin.cli import main
 
-FAST = ["--pretrain-epochs", "3", "--phase1-epochs", "2", "--phase2-epochs", "2", "--quiet"]
+FAST = ["--pretrain-epochs", "3", "--phase1-epochs", "2", "--phase2-epochs", "2", "--quiet", "--no-html"]
 
 
 def blobs(n_per=40, k=3, dim=6, seed=0):
