@@ -285,10 +285,11 @@ def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike],
     state = dict(raw)
     ignored = _drop_classifier(state, list(reference), model)
     diff = _compare(state, reference)
-    filtered = False
+    filtered = tried = False
     if _n_issues(diff) and checkpoint_filter:
         fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
         if callable(fn):
+            tried = True
             try:
                 try:
                     converted = dict(fn(dict(raw), model))
@@ -312,9 +313,8 @@ def load_backbone_weights(model: nn.Module, path: Union[str, os.PathLike],
             parts.append(f"{len(shapes)} shape mismatch(es) {_fmt_keys(shapes, 4)}")
         raise PretrainedWeightsError(
             f"The weights in {path!r} do not match timm model {name!r}: {'; '.join(parts)}. Is the file for "
-            "another architecture, width or image size? Pass the weights of exactly this model (timm's "
-            "checkpoint converter for the architecture was tried too)." if checkpoint_filter else
-            f"The weights in {path!r} do not match timm model {name!r}: {'; '.join(parts)}.")
+            "another architecture, width or image size? Pass the weights of exactly this model"
+            + (" (timm's checkpoint converter for this architecture was tried too)." if tried else "."))
     result = model.load_state_dict(state, strict=False)
     left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if left or result.unexpected_keys:  # pragma: no cover - _compare found everything already
@@ -467,8 +467,9 @@ class TimmPreprocess(nn.Module):
     @property
     def data_config(self) -> Dict[str, Any]:
         c, h, w = self.input_size
-        return {"input_size": (c, h, w), "interpolation": self.interpolation, "mean": tuple(self.mean.flatten().tolist()),
-                "std": tuple(self.std.flatten().tolist()), "crop_pct": self.crop_pct, "crop_mode": self.crop_mode}
+        return {"input_size": (c, h, w), "interpolation": self.interpolation,
+                "mean": tuple(self.mean.flatten().tolist()), "std": tuple(self.std.flatten().tolist()),
+                "crop_pct": self.crop_pct, "crop_mode": self.crop_mode}
 
     def _plan(self, h: int, w: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """(resized (H', W'), crop offsets (top, left)) as torchvision's Resize + CenterCrop compute them."""
@@ -503,7 +504,7 @@ class TimmPreprocess(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing():  # shapes were checked when the matrices were made; keep the graph free of checks
-            if self.resize_h.numel() == 0:
+            if self._hw is None:
                 raise RuntimeError("TimmPreprocess.set_input_size(h, w) must be called before tracing/exporting.")
         else:
             c_model = self.input_size[0]
@@ -515,7 +516,7 @@ class TimmPreprocess(nn.Module):
                     f"The backbone takes {c_model}-channel images (or 1-channel, broadcast); got {c} channels (shape "
                     f"{tuple(x.shape)}). For channels-last data use x.permute(0, 3, 1, 2).")
             hw = (int(x.shape[-2]), int(x.shape[-1]))
-            if self._hw != hw or self.resize_h.numel() == 0:
+            if self._hw != hw:
                 self.set_input_size(*hw)
         y = torch.matmul(torch.matmul(self.resize_h.to(x.dtype), x), self.resize_w.to(x.dtype).t())
         return (y - self.mean.to(x.dtype)) / self.std.to(x.dtype)  # (N, 1, S, S) broadcasts to C channels
@@ -638,9 +639,10 @@ class TimmEncoder(nn.Module):
                                  f"input_size {self.input_size}), got {int(x.shape[1])} channels. Convert raw images "
                                  "with prepare_images() / encoder.prepare() (grayscale is broadcast to 3 channels).")
         if tuple(int(s) for s in x.shape[-2:]) != self.input_size[1:]:
-            raise TimmInputError(f"{self.model_name} takes {self.input_size[1]}x{self.input_size[2]} input (data config "
-                                 f"input_size {self.input_size}), got {int(x.shape[-2])}x{int(x.shape[-1])}. Resize "
-                                 "with prepare_images() / encoder.prepare(), or build the encoder with img_size=.")
+            raise TimmInputError(f"{self.model_name} takes {self.input_size[1]}x{self.input_size[2]} input (data "
+                                 f"config input_size {self.input_size}), got {int(x.shape[-2])}x{int(x.shape[-1])}. "
+                                 "Resize with prepare_images() / encoder.prepare(), or build the encoder with "
+                                 "img_size=.")
 
     def features(self, x: Tensor) -> Tensor:
         """Pooled backbone features (B, F) of backbone-ready input."""
@@ -784,6 +786,14 @@ def last_block_parameter_names(backbone: nn.Module, n: int = 1) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- autoencoders
+def _in_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
+    """``fn(x)``, in chunks of ``size`` rows when no gradient is recorded (inference: the estimator encodes up to
+    4096 samples at once, too many images for a backbone's activations); one call while training or tracing."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing() or size <= 0 or len(x) <= size:
+        return fn(x)
+    return torch.cat([fn(x[i:i + size]) for i in range(0, len(x), size)])
+
+
 def _mlp(widths: Sequence[int]) -> nn.Sequential:
     layers: List[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
@@ -873,6 +883,7 @@ class TimmFeatureAutoencoder(nn.Module):
             p.requires_grad_(name in trainable)
         self.trainable_backbone_parameters: List[str] = [n for n, _ in backbone.named_parameters() if n in trainable]
         self.param_group_calls = 0
+        self.inference_batch_size = 256  # images per backbone pass when encoding without gradients
         self._target_backbone: Optional[nn.Module] = None  # not registered: not in state_dict, parameters, exports
         if target == "initial" and finetune != "frozen":
             snap = copy.deepcopy(backbone).eval()
@@ -903,7 +914,7 @@ class TimmFeatureAutoencoder(nn.Module):
         return self.feature_norm(self.encoder.features(self.encoder.preprocess(x)))
 
     def encode(self, x: Tensor) -> Tensor:
-        return self.proj(self.features(x))
+        return _in_chunks(lambda xb: self.proj(self.features(xb)), x, self.inference_batch_size)
 
     def decode(self, u: Tensor) -> Tensor:
         return self.decoder(u)
@@ -998,6 +1009,7 @@ class FrozenFeaturePipeline(nn.Module):
         self.autoencoder = autoencoder
         self.register_buffer("feature_offset", feature_offset.detach().clone().float().reshape(-1))
         self.register_buffer("feature_scale", feature_scale.detach().clone().float().reshape(-1))
+        self.inference_batch_size = 256  # images per backbone pass (the estimator encodes up to 4096 at once)
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -1009,7 +1021,8 @@ class FrozenFeaturePipeline(nn.Module):
         return self.encoder.features(self.encoder.preprocess(x))
 
     def encode(self, x: Tensor) -> Tensor:
-        return self.autoencoder.encode((self.features(x) - self.feature_offset) / self.feature_scale)
+        return _in_chunks(lambda xb: self.autoencoder.encode((self.features(xb) - self.feature_offset)
+                                                             / self.feature_scale), x, self.inference_batch_size)
 
     def decode(self, u: Tensor) -> Tensor:
         return self.autoencoder.decode(u)
@@ -1144,8 +1157,8 @@ def _module_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     """An untrained module of the architecture recorded in a checkpoint's ``autoencoder_spec["timm"]``."""
     if int(spec.get("version", 0)) != SPEC_VERSION:
         raise TimmAdapterError(f"timm spec version {spec.get('version')} is not supported (expected {SPEC_VERSION}).")
-    encoder = TimmEncoder(spec["model_name"], None, img_size=spec.get("img_size"), in_chans=int(spec.get("in_chans", 3)),
-                          **dict(spec.get("timm_kwargs") or {}))
+    encoder = TimmEncoder(spec["model_name"], None, img_size=spec.get("img_size"),
+                          in_chans=int(spec.get("in_chans", 3)), **dict(spec.get("timm_kwargs") or {}))
     d = int(spec["latent_dim"])
     if spec["mode"] == "frozen":
         f = encoder.num_features

@@ -108,8 +108,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         val = getattr(args, key, None)
         if val is not None:
             overrides[key] = val
-    model = DCSS(n_clusters=args.clusters, preset=args.preset, device=args.device, verbose=not args.quiet,
-                 seed=args.seed, **overrides)
+    backbone = getattr(args, "backbone", None)
+    if not backbone:
+        for flag in ("pretrained_file", "pretrained", "img_size", "train_blocks", "backbone_lr_scale", "layer_decay",
+                     "feature_batch_size"):
+            if getattr(args, flag, None):
+                raise CLIError(f"--{flag.replace('_', '-')} goes with --backbone timm:NAME.")
+        model = DCSS(n_clusters=args.clusters, preset=args.preset, device=args.device, verbose=not args.quiet,
+                     seed=args.seed, **overrides)
     log_path = os.path.join(out, "log.jsonl")
     progress = os.path.join(out, "progress.pt")
     if args.resume and not os.path.exists(progress):
@@ -124,7 +130,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        model.fit(x, callback=on_epoch, checkpoint_path=progress, resume=args.resume)
+        if backbone:
+            from dcss_plugin.adapters.timm import fit_from_cli_args  # timm is imported only when asked for
+
+            model = fit_from_cli_args(args, x, overrides, callback=on_epoch, checkpoint_path=progress,
+                                      resume=args.resume)
+        else:
+            model.fit(x, callback=on_epoch, checkpoint_path=progress, resume=args.resume)
     finally:
         log_fh.close()
     fit_s = time.perf_counter() - t0
@@ -239,6 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
         fit.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
     for name in ("m", "zeta", "gamma", "lam", "lr"):
         fit.add_argument(f"--{name}", type=float)
+    bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")
+    bb.add_argument("--backbone", metavar="timm:NAME",
+                    help="encode images with a timm model, e.g. timm:resnet18 (names: timm.list_models())")
+    bb.add_argument("--pretrained-file", metavar="W",
+                    help="local backbone weights (.safetensors or torch state dict); nothing is downloaded")
+    bb.add_argument("--pretrained", action="store_true",
+                    help="hub weights: unavailable offline (the error explains how to use --pretrained-file)")
+    bb.add_argument("--finetune", choices=["frozen", "last", "full"], default="frozen",
+                    help="frozen: features once, DCSS on them (fast, default); last: train the last block group; "
+                         "full: train all, backbone at a lower lr with layer-wise decay")
+    bb.add_argument("--img-size", type=_positive_int, help="backbone input size (default: the model's data config)")
+    bb.add_argument("--train-blocks", type=_positive_int, help="--finetune last: block groups to train (default 1)")
+    bb.add_argument("--backbone-lr-scale", type=float, help="backbone lr / --lr (default: last 1.0, full 0.1)")
+    bb.add_argument("--layer-decay", type=float, help="--finetune full: layer-wise lr decay (default 0.75)")
+    bb.add_argument("--feature-batch-size", type=_positive_int,
+                    help="--finetune frozen: images per backbone pass when extracting features (default 256)")
     fit.set_defaults(func=cmd_fit)
 
     rep = sub.add_parser("report", help="write RUN_DIR/report.html (config, timings, metrics, pictures)")

@@ -101,6 +101,18 @@ def known_positive_loss(q_a: Tensor, q_b: Tensor, kind: str = "log") -> Tensor:
     return (1.0 - dot).mean()
 
 
+def _param_groups(module: nn.Module, lr: float) -> List[Dict[str, Any]]:
+    """Optimizer parameter groups of an autoencoder at base learning rate ``lr``.
+
+    A module with a ``param_groups(lr)`` method (e.g. a timm backbone trained at a lower, layer-wise decayed lr)
+    gives its own torch param-group dicts, each with its ``lr``; any other module is one group at ``lr``.
+    """
+    fn = getattr(module, "param_groups", None)
+    if callable(fn):
+        return list(fn(lr))
+    return [{"params": list(module.parameters()), "lr": lr}]
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -256,7 +268,7 @@ class DCSS:
         n = len(xn)
         steps = max(1, math.ceil(n / cfg.batch_size))
         epochs = {
-            "pretrain": _epochs(cfg.pretrain_epochs, 500, steps, 10, 500),
+            "pretrain": _epochs(cfg.pretrain_epochs, 960, steps, 10, 500),
             "phase1": _epochs(cfg.phase1_epochs, 80, steps, 2 * cfg.T1, 200),
             "phase2": _epochs(cfg.phase2_epochs, 1600, steps, cfg.T2 + 10, 500),
         }
@@ -322,7 +334,7 @@ class DCSS:
 
         # ---- pretraining: (denoising) reconstruction, plus agreement of two views' u when augmenting
         if phase_order.index(start_phase) <= 0:
-            opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr)
+            opt = torch.optim.Adam(_param_groups(ae, cfg.lr), lr=cfg.lr)
             first = restore_optimizer(opt, "pretrain")
             bar = self._progress(epochs["pretrain"], "pretrain")
             bar.update(first)
@@ -369,7 +381,7 @@ class DCSS:
         # ---- Phase 1: the K cluster-specific losses in one pass; centers re-estimated every T1 epochs
         if phase_order.index(start_phase) <= 1:
             criterion1 = CenteringLoss(m=cfg.m, lam=cfg.lam, reduction="mean")
-            opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr * cfg.phase1_lr_factor)
+            opt = torch.optim.Adam(_param_groups(ae, cfg.lr * cfg.phase1_lr_factor), lr=cfg.lr * cfg.phase1_lr_factor)
             first = restore_optimizer(opt, "phase1")
             bar = self._progress(epochs["phase1"], "phase 1")
             bar.update(first)
@@ -416,7 +428,7 @@ class DCSS:
             heads.load_state_dict(resumed["heads"])
         criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
                                             exclude_self=cfg.exclude_self)
-        opt = torch.optim.Adam([{"params": ae.parameters(), "lr": cfg.lr * cfg.phase2_encoder_lr_factor},
+        opt = torch.optim.Adam([*_param_groups(ae, cfg.lr * cfg.phase2_encoder_lr_factor),
                                 {"params": heads.parameters(), "lr": cfg.lr}])
         first = restore_optimizer(opt, "phase2")
         two_views = cfg.augment or knn is not None

@@ -163,6 +163,7 @@ def _quiet_export():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # not a UserWarning; timm's ViT shape arithmetic
         with contextlib.redirect_stdout(io.StringIO()):
             yield
 
@@ -297,7 +298,11 @@ def _decoded_probe(model: DCSS, per_center: int = 32, seed: int = 0) -> np.ndarr
         noise = torch.randn(len(c) * per_center, c.shape[1], generator=g, dtype=torch.float32)
         u = c.repeat_interleave(per_center, 0) + spread / max(c.shape[1], 1) ** 0.5 * noise
         ae = copy.deepcopy(model.autoencoder).to("cpu", torch.float32).eval()
-        x_norm = ae.decode(u).reshape(len(u), *model.input_shape)  # type: ignore[misc]
+        x_norm = ae.decode(u)
+        if x_norm.numel() != len(u) * int(np.prod(model.input_shape)):  # a decoder that does not give x back (a
+            # timm backbone's features): uniform samples over the normalised training range instead
+            x_norm = torch.rand((len(u), *model.input_shape), generator=g)  # type: ignore[misc]
+        x_norm = x_norm.reshape(len(u), *model.input_shape)  # type: ignore[misc]
         norm = model.normalizer
         x = x_norm * norm.scale.float() + norm.offset.float()
     return x.numpy().astype(np.float32)
@@ -391,7 +396,15 @@ def _resolve_model(model_or_run_dir: Union[DCSS, str, os.PathLike]) -> Tuple[DCS
             raise ValueError("This DCSS model is not fitted yet; fit it (or DCSS.load a checkpoint) before export.")
         return model, None
     path = os.fspath(model_or_run_dir)
-    model = DCSS.load(path, device="cpu")
+    from dcss_plugin.estimator import CHECKPOINT_FORMAT
+    from dcss_plugin.io import load_checkpoint
+
+    if (load_checkpoint(path, CHECKPOINT_FORMAT).get("autoencoder_spec") or {}).get("timm"):
+        from dcss_plugin.adapters.timm import load_timm_dcss  # a timm backbone: rebuilt from the checkpoint's spec
+
+        model = load_timm_dcss(path, device="cpu")
+    else:
+        model = DCSS.load(path, device="cpu")
     return model, (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
 
 
