@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from dcss_plugin.autoencoders import MLPAutoencoder
 from dcss_plugin.config import DCSSConfig
-from dcss_plugin.data import DataError, InputNormalizer, as_tensor
+from dcss_plugin.data import DataError, InputNormalizer, as_tensor, validate_features
 from dcss_plugin.estimator import CHECKPOINT_FORMAT, DCSS
 from dcss_plugin.io import atomic_save_npy, atomic_write_json, load_checkpoint
 
@@ -1099,6 +1099,7 @@ def fit_timm(x: Any, n_clusters: int, model_name: str, mode: str = "frozen",
         raise TimmAdapterError(f"mode must be one of {MODES}, got {mode!r}.")
     images = _as_images(x)
     cfg = DCSSConfig(n_clusters=n_clusters, preset=preset, **dcss_kwargs)
+    validate_features(images, cfg.n_clusters, "images")  # before any backbone work
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     encoder = TimmEncoder(model_name, pretrained_file, pretrained=pretrained, img_size=img_size,

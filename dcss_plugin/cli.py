@@ -87,7 +87,6 @@ def _save_samples(out: str, model, x, labels: np.ndarray, y: Optional[np.ndarray
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .data import DataError, validate_features
     from .estimator import DCSS
     from .io import atomic_save_npy, atomic_write_json
     from .metrics import evaluate
@@ -101,7 +100,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {out!r} is not writable.")
     x, y, source = _load_inputs(args)
     xv = x.unsqueeze(1) if x.dim() == 3 else x
-    validate_features(xv, args.clusters)
     overrides: Dict[str, Any] = {}
     for key in ("pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "m", "zeta", "gamma", "lam",
                 "T1", "T2", "latent_dim", "lr"):
@@ -120,13 +118,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
     progress = os.path.join(out, "progress.pt")
     if args.resume and not os.path.exists(progress):
         raise CLIError(f"--resume: there is no interrupted run in {out!r} (no progress.pt); run without --resume.")
-    log_fh = open(log_path, "a" if args.resume else "w", encoding="utf-8")
+    log_files: List[Any] = []  # opened at the first epoch, so input that fit() rejects leaves no file behind
     t_start = time.perf_counter()
 
     def on_epoch(phase: str, epoch: int, stats: Dict[str, float]) -> None:
+        if not log_files:
+            log_files.append(open(log_path, "a" if args.resume else "w", encoding="utf-8"))
         rec = {"phase": phase, "epoch": epoch, "elapsed_s": round(time.perf_counter() - t_start, 4), **stats}
-        log_fh.write(json.dumps(rec) + "\n")
-        log_fh.flush()
+        log_files[0].write(json.dumps(rec) + "\n")
+        log_files[0].flush()
 
     t0 = time.perf_counter()
     try:
@@ -138,7 +138,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         else:
             model.fit(x, callback=on_epoch, checkpoint_path=progress, resume=args.resume)
     finally:
-        log_fh.close()
+        for fh in log_files:
+            fh.close()
     fit_s = time.perf_counter() - t0
     labels = model.labels_
     assert labels is not None

@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -282,7 +282,7 @@ class DCSS:
                                    "time_s": {"pretrain": 0.0, "kmeans_init": 0.0, "phase1": 0.0, "phase2": 0.0},
                                    "time_per_epoch_s": {}, "device": str(dev), "n_samples": n,
                                    "min_center_distance": [], "positive_pair_share": []}
-        phase_order = ["pretrain", "phase1", "phase2", "done"]
+        phase_order = ["pretrain", "phase1", "phase2"]
         start_phase, start_epoch = "pretrain", 0
         heads: Optional[nn.ModuleList] = None
         knn: Optional[Tensor] = None
@@ -325,19 +325,31 @@ class DCSS:
             _, ind = NearestNeighbors(n_neighbors=k + 1).fit(u_np).kneighbors(u_np)
             return torch.as_tensor(ind[:, 1:], dtype=torch.long)
 
-        def restore_optimizer(opt: torch.optim.Optimizer, phase: str) -> int:
-            """First epoch to run in ``phase``; loads the optimizer state when resuming inside it."""
+        def end_epoch(phase: str, epoch: int, bar: Any, opt: torch.optim.Optimizer, t0: float,
+                      stats: Dict[str, float], **postfix: str) -> None:
+            """Record an epoch's loss and time, show it, report it, and save the progress file."""
+            history["loss"][phase].append(stats["loss"])
+            history["time_s"][phase] += time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", **postfix)
+            if callback:
+                callback(phase, epoch, stats)
+            save_progress(phase, epoch + 1, opt)
+
+        def begin_phase(phase: str, opt: torch.optim.Optimizer, label: str) -> Tuple[int, Any]:
+            """First epoch to run in ``phase`` (loading the optimizer state when resuming inside it) and its bar."""
+            first = 0
             if resumed is not None and phase == start_phase and start_epoch > 0:
                 opt.load_state_dict(resumed["optimizer"])
-                return start_epoch
-            return 0
+                first = start_epoch
+            bar = self._progress(epochs[phase], label)
+            bar.update(first)
+            return first, bar
 
         # ---- pretraining: (denoising) reconstruction, plus agreement of two views' u when augmenting
         if phase_order.index(start_phase) <= 0:
             opt = torch.optim.Adam(_param_groups(ae, cfg.lr), lr=cfg.lr)
-            first = restore_optimizer(opt, "pretrain")
-            bar = self._progress(epochs["pretrain"], "pretrain")
-            bar.update(first)
+            first, bar = begin_phase("pretrain", opt, "pretrain")
             for epoch in range(first, epochs["pretrain"]):
                 t0 = time.perf_counter()
                 ae.train()
@@ -359,13 +371,7 @@ class DCSS:
                     loss.backward()
                     opt.step()
                     total += loss.item() * len(idx)
-                history["loss"]["pretrain"].append(total / n)
-                history["time_s"]["pretrain"] += time.perf_counter() - t0
-                bar.update(1)
-                bar.set_postfix(loss=f"{total / n:.4f}")
-                if callback:
-                    callback("pretrain", epoch, {"loss": total / n})
-                save_progress("pretrain", epoch + 1, opt)
+                end_epoch("pretrain", epoch, bar, opt, t0, {"loss": total / n})
             bar.close()
             log.info("pretrain: %d epochs, %.1f s", epochs["pretrain"], history["time_s"]["pretrain"])
 
@@ -382,9 +388,7 @@ class DCSS:
         if phase_order.index(start_phase) <= 1:
             criterion1 = CenteringLoss(m=cfg.m, lam=cfg.lam, reduction="mean")
             opt = torch.optim.Adam(_param_groups(ae, cfg.lr * cfg.phase1_lr_factor), lr=cfg.lr * cfg.phase1_lr_factor)
-            first = restore_optimizer(opt, "phase1")
-            bar = self._progress(epochs["phase1"], "phase 1")
-            bar.update(first)
+            first, bar = begin_phase("phase1", opt, "phase 1")
             for epoch in range(first, epochs["phase1"]):
                 t0 = time.perf_counter()
                 ae.train()
@@ -403,14 +407,9 @@ class DCSS:
                     self.centers.accumulate(self._encode_all(xn, dev))
                     self.centers.update()
                 cd = torch.pdist(self.centers.centers).min().item()
-                history["loss"]["phase1"].append(total / n)
                 history["min_center_distance"].append(cd)
-                history["time_s"]["phase1"] += time.perf_counter() - t0
-                bar.update(1)
-                bar.set_postfix(loss=f"{total / n:.4f}", min_center_dist=f"{cd:.3f}")
-                if callback:
-                    callback("phase1", epoch, {"loss": total / n, "min_center_distance": cd})
-                save_progress("phase1", epoch + 1, opt)
+                end_epoch("phase1", epoch, bar, opt, t0, {"loss": total / n, "min_center_distance": cd},
+                          min_center_dist=f"{cd:.3f}")
             bar.close()
             u_all = self._encode_all(xn, dev)
             history["labels_after_phase1"] = self.centers(u_all).argmax(1).cpu().numpy()
@@ -430,11 +429,8 @@ class DCSS:
                                             exclude_self=cfg.exclude_self)
         opt = torch.optim.Adam([*_param_groups(ae, cfg.lr * cfg.phase2_encoder_lr_factor),
                                 {"params": heads.parameters(), "lr": cfg.lr}])
-        first = restore_optimizer(opt, "phase2")
+        first, bar = begin_phase("phase2", opt, "phase 2")
         two_views = cfg.augment or knn is not None
-        head_losses = torch.tensor(history.get("head_losses_last_epoch", [0.0] * cfg.num_heads)) * n
-        bar = self._progress(epochs["phase2"], "phase 2")
-        bar.update(first)
         for epoch in range(first, epochs["phase2"]):
             t0 = time.perf_counter()
             q_space = epoch >= cfg.T2
@@ -478,15 +474,10 @@ class DCSS:
                 opt.step()
                 total += loss.item() / cfg.num_heads * b
                 pos_total += pos * b
-            history["loss"]["phase2"].append(total / n)
             history["positive_pair_share"].append(pos_total / n)
             history["head_losses_last_epoch"] = (head_losses / n).tolist()
-            history["time_s"]["phase2"] += time.perf_counter() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / n:.4f}", targets="q" if q_space else "p", pos=f"{pos_total / n:.3f}")
-            if callback:
-                callback("phase2", epoch, {"loss": total / n, "positive_pair_share": pos_total / n})
-            save_progress("phase2", epoch + 1, opt)
+            end_epoch("phase2", epoch, bar, opt, t0, {"loss": total / n, "positive_pair_share": pos_total / n},
+                      targets="q" if q_space else "p", pos=f"{pos_total / n:.3f}")
         bar.close()
         # label-free model choice: the head with the lowest Phase-2 loss over the last epoch
         last = history.get("head_losses_last_epoch", [0.0] * cfg.num_heads)

@@ -30,15 +30,8 @@ BATCHES = [1, 7, 4096]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _torch_settings():
-    """float32 models (another test module switches torch's default dtype), one torch thread: these tiny fits
-    take ~3 s with one thread, and up to 10x longer with two on a busy 2-core machine."""
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+def _torch_settings(torch_float32_one_thread):
+    """Every test here runs with float32 and one torch thread (see conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -39,14 +39,8 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _torch_settings():
-    """float32 (another module changes the default dtype) and one thread: tiny models on a busy 2-core machine."""
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float32)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+def _torch_settings(torch_float32_one_thread):
+    """Every test here runs with float32 and one torch thread (see conftest.py)."""
 
 
 @pytest.fixture(scope="module")
