@@ -86,11 +86,14 @@ def _save_samples(out: str, model, x, labels: np.ndarray, y: Optional[np.ndarray
     atomic_write_bytes(os.path.join(out, "samples.npz"), buf.getvalue())
 
 
+def _fit_rank(args: argparse.Namespace) -> None:
+    """One process of ``dcss fit --devices N``: load the input and run :func:`_fit_and_write` (rank 0 writes)."""
+    x, y, source = _load_inputs(args)
+    _fit_and_write(args, x, y, source)
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .estimator import DCSS
-    from .io import atomic_save_npy, atomic_write_json
-    from .metrics import evaluate
-    from . import __version__
+    from .distributed import init_from_environment, launch
 
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
@@ -98,7 +101,45 @@ def cmd_fit(args: argparse.Namespace) -> int:
     os.makedirs(out, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise CLIError(f"--out {out!r} is not writable.")
+    if args.resume and not os.path.exists(os.path.join(out, "progress.pt")):
+        raise CLIError(f"--resume: there is no interrupted run in {out!r} (no progress.pt); run without --resume.")
     x, y, source = _load_inputs(args)
+    devices = int(getattr(args, "devices", 1) or 1)
+    if init_from_environment():  # started by torchrun: this process is one rank already
+        if devices > 1:
+            raise CLIError("--devices N starts its own processes; under torchrun leave it out (torchrun sets them).")
+        return _fit_and_write(args, x, y, source)
+    if devices > 1:
+        if getattr(args, "backbone", None) or getattr(args, "ssl", None):
+            raise CLIError("--devices N trains the default autoencoder recipe; it does not combine with --backbone "
+                           "or --ssl yet (run those on one device).")
+        if args.device == "cuda" or (args.device == "auto" and _cuda_count() > 0):
+            if _cuda_count() < devices:
+                raise CLIError(f"--devices {devices} with CUDA needs {devices} GPUs, this machine has {_cuda_count()}; "
+                               "use fewer, or --device cpu (gloo processes on CPU cores).")
+        from .data import validate_features
+
+        validate_features(x.unsqueeze(1) if x.dim() == 3 else x, args.clusters)  # fail here, before spawning
+        launch(_fit_rank, devices, args=(args,))
+        return 0
+    return _fit_and_write(args, x, y, source)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], source: str) -> int:
+    from .distributed import rank, world_size
+    from .estimator import DCSS
+    from .io import atomic_save_npy, atomic_write_json
+    from .metrics import evaluate
+    from . import __version__
+
+    out = args.out
+    lead = rank() == 0
     xv = x.unsqueeze(1) if x.dim() == 3 else x
     overrides: Dict[str, Any] = {}
     for key in ("pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "m", "zeta", "gamma", "lam",
@@ -107,7 +148,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if val is not None:
             overrides[key] = val
     backbone = getattr(args, "backbone", None)
-    if not backbone:
+    ssl = getattr(args, "ssl", None)
+    if backbone and ssl:
+        raise CLIError("--ssl trains its own encoder; it does not combine with --backbone.")
+    if not backbone and not ssl:
         for flag in ("pretrained_file", "pretrained", "img_size", "train_blocks", "backbone_lr_scale", "layer_decay",
                      "feature_batch_size"):
             if getattr(args, flag, None):
@@ -116,8 +160,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
                      seed=args.seed, **overrides)
     log_path = os.path.join(out, "log.jsonl")
     progress = os.path.join(out, "progress.pt")
-    if args.resume and not os.path.exists(progress):
-        raise CLIError(f"--resume: there is no interrupted run in {out!r} (no progress.pt); run without --resume.")
     log_files: List[Any] = []  # opened at the first epoch, so input that fit() rejects leaves no file behind
     t_start = time.perf_counter()
 
@@ -135,6 +177,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
             model = fit_from_cli_args(args, x, overrides, callback=on_epoch, checkpoint_path=progress,
                                       resume=args.resume)
+        elif ssl:
+            from dcss_plugin.adapters.lightly import fit_from_cli_args as fit_ssl  # lightly only when asked for
+
+            model = fit_ssl(args, x, overrides, callback=on_epoch, checkpoint_path=progress, resume=args.resume)
         else:
             model.fit(x, callback=on_epoch, checkpoint_path=progress, resume=args.resume)
     finally:
@@ -143,6 +189,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     fit_s = time.perf_counter() - t0
     labels = model.labels_
     assert labels is not None
+    if not lead:  # other ranks of a multi-process run: rank 0 writes the run directory
+        return 0
     model.save(os.path.join(out, "checkpoint.pt"))
     atomic_save_npy(os.path.join(out, "labels.npy"), labels.astype(np.int64))
     h = model.history_
@@ -154,6 +202,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "config": model.config.to_dict(),
         "device": h["device"],
+        "processes": world_size(),
         "epochs": h["epochs"],
         "timings_s": {**{k: round(v, 3) for k, v in h["time_s"].items()}, "fit_total": round(fit_s, 3)},
         "time_per_epoch_s": {k: round(v, 4) for k, v in h["time_per_epoch_s"].items()},
@@ -244,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="run directory")
     fit.add_argument("--preset", default="default", choices=["default", "paper"])
     fit.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    fit.add_argument("--devices", type=_positive_int, default=1,
+                     help="processes for data-parallel training (DDP; gloo on CPU, NCCL with one GPU each); "
+                          "under torchrun leave it out")
+    fit.add_argument("--ssl", choices=["simclr"],
+                     help="train the encoder with Lightly's SimCLR beside the DCSS loss (dcss_plugin.adapters.lightly)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.add_argument("--no-html", action="store_true", help="skip the HTML report with pictures")
     fit.add_argument("--resume", action="store_true",

@@ -23,6 +23,7 @@ from .autoencoders import ConvAutoencoder, MLPAutoencoder
 from .centers import ClusterCenters
 from .config import DCSSConfig
 from .data import DataError, InputNormalizer, as_tensor, validate_features
+from .distributed import broadcast_buffers, gather, is_distributed, mean_over_ranks, rank, shard_bounds, world_size
 from .functional import view_contrastive_loss
 from .heads import DCSSHead
 from .io import atomic_torch_save, load_checkpoint
@@ -115,11 +116,49 @@ def _param_groups(module: nn.Module, lr: float) -> List[Dict[str, Any]]:
 
 def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but CUDA is not available here; use device='cpu' or 'auto'.")
+    if dev.type == "cuda" and dev.index is None and is_distributed():
+        dev = torch.device("cuda", rank() % torch.cuda.device_count())  # one GPU per rank
     return dev
+
+
+class _AutoencoderStep(nn.Module):
+    """One training forward of the autoencoder (``u`` and ``x_hat``) as a module, so that DDP can wrap it."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        u = self.autoencoder.encode(x)
+        return u, self.autoencoder.decode(u)
+
+
+class _Phase2Step(nn.Module):
+    """One Phase-2 forward (``u`` and every head's ``q``) as a module, so that DDP can wrap it."""
+
+    def __init__(self, autoencoder: nn.Module, heads: nn.ModuleList) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.heads = heads
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        u = self.autoencoder.encode(x)
+        return u, [head(u) for head in self.heads]
+
+
+def _distribute(module: nn.Module, dev: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel when a process group runs (gradients averaged over ranks)."""
+    if not is_distributed():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 def _epochs(requested: Optional[int], target_steps: int, steps_per_epoch: int, minimum: int, maximum: int) -> int:
@@ -231,10 +270,11 @@ class DCSS:
         self.autoencoder.eval()
         return torch.cat([self.autoencoder.encode(xn[i:i + chunk].to(dev)) for i in range(0, len(xn), chunk)])
 
-    def _progress(self, total: int, desc: str):
+    def _progress(self, total: int, desc: str, enabled: bool = True):
         from tqdm.auto import tqdm
 
-        return tqdm(range(total), desc=desc, disable=not self.verbose, leave=False, dynamic_ncols=True)
+        return tqdm(range(total), desc=desc, disable=not (self.verbose and enabled), leave=False,
+                    dynamic_ncols=True)
 
     # ------------------------------------------------------------------ fit
     def fit(self, X: Any, y: Any = None, callback: Optional[Callable[[str, int, Dict[str, float]], None]] = None,
@@ -249,12 +289,23 @@ class DCSS:
                 RNG states) is written there atomically at the end of every epoch.
             resume: continue from ``checkpoint_path``; the run ends with the same result as an uninterrupted one
                 (on CPU, same seed). The file must come from the same config, version and data.
+
+        Several processes: call ``fit`` on every rank of a running ``torch.distributed`` process group (e.g. under
+        ``torchrun``, or ``dcss fit --devices N``) with the same ``X``. Every global batch is drawn and augmented
+        as in a single-process run and cut into one contiguous shard per rank; the networks are wrapped in
+        ``DistributedDataParallel``; ``q``, ``p`` and the views' ``u`` are gathered with gradients so that the
+        pairwise, balance and contrastive terms see the whole global batch; center updates all-reduce their
+        numerator and denominator; k-means runs on rank 0 and is broadcast. Only rank 0 shows progress, calls
+        ``callback`` and writes ``checkpoint_path``. BatchNorm statistics are per rank (CPU has no SyncBatchNorm)
+        and are copied from rank 0 before every full pass over the data.
         """
         cfg = self.config.resolved()
         x = self._prepare(X, fitting=True)
         if len(x) < 2:
             raise DataError("Need at least 2 samples to train.")
         dev = _resolve_device(self.device)
+        n_ranks, my_rank = world_size(), rank()
+        lead = my_rank == 0
         resumed: Optional[Dict[str, Any]] = None
         if resume:
             if checkpoint_path is None:
@@ -281,6 +332,7 @@ class DCSS:
         history: Dict[str, Any] = {"epochs": epochs, "loss": {"pretrain": [], "phase1": [], "phase2": []},
                                    "time_s": {"pretrain": 0.0, "kmeans_init": 0.0, "phase1": 0.0, "phase2": 0.0},
                                    "time_per_epoch_s": {}, "device": str(dev), "n_samples": n,
+                                   "world_size": n_ranks,
                                    "min_center_distance": [], "positive_pair_share": []}
         phase_order = ["pretrain", "phase1", "phase2"]
         start_phase, start_epoch = "pretrain", 0
@@ -303,8 +355,18 @@ class DCSS:
         def target(batch: Tensor) -> Tensor:
             return target_of(batch) if target_of is not None else batch
 
+        def shard(batch: Tensor) -> Tensor:
+            """This rank's contiguous share of a global batch (all of it in a single process)."""
+            lo, hi = shard_bounds(len(batch), n_ranks, my_rank)
+            return batch[lo:hi]
+
+        def encode_all(rows: Tensor) -> Tensor:
+            """``u`` of ``rows`` in eval mode, with rank 0's BatchNorm statistics on every rank."""
+            broadcast_buffers(ae)
+            return self._encode_all(rows, dev)
+
         def save_progress(phase: str, epoch: int, opt: Optional[torch.optim.Optimizer]) -> None:
-            if checkpoint_path is None:
+            if checkpoint_path is None or not lead:
                 return
             state = {
                 "format": PROGRESS_FORMAT, "version": __version__, "config": cfg.to_dict(),
@@ -328,11 +390,12 @@ class DCSS:
         def end_epoch(phase: str, epoch: int, bar: Any, opt: torch.optim.Optimizer, t0: float,
                       stats: Dict[str, float], **postfix: str) -> None:
             """Record an epoch's loss and time, show it, report it, and save the progress file."""
+            stats = {k: mean_over_ranks(v) for k, v in stats.items()}  # the global-batch figures
             history["loss"][phase].append(stats["loss"])
             history["time_s"][phase] += time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", **postfix)
-            if callback:
+            if callback and lead:
                 callback(phase, epoch, stats)
             save_progress(phase, epoch + 1, opt)
 
@@ -342,13 +405,14 @@ class DCSS:
             if resumed is not None and phase == start_phase and start_epoch > 0:
                 opt.load_state_dict(resumed["optimizer"])
                 first = start_epoch
-            bar = self._progress(epochs[phase], label)
+            bar = self._progress(epochs[phase], label, enabled=lead)
             bar.update(first)
             return first, bar
 
         # ---- pretraining: (denoising) reconstruction, plus agreement of two views' u when augmenting
         if phase_order.index(start_phase) <= 0:
             opt = torch.optim.Adam(_param_groups(ae, cfg.lr), lr=cfg.lr)
+            step = _distribute(_AutoencoderStep(ae), dev)
             first, bar = begin_phase("pretrain", opt, "pretrain")
             for epoch in range(first, epochs["pretrain"]):
                 t0 = time.perf_counter()
@@ -356,17 +420,19 @@ class DCSS:
                 total = 0.0
                 for idx in self._batches(n, gen):
                     xb = xn[idx].to(dev)
+                    share = n_ranks * len(shard(idx)) / len(idx)  # local mean * share, averaged by DDP = global mean
                     if cfg.contrastive_weight > 0 and aug is not None:
-                        b = len(idx)
-                        u = ae.encode(torch.cat([view(xb), view(xb)]))
-                        tb = target(xb)
-                        x_hat = ae.decode(u).view(2 * b, *tb.shape[1:])
-                        loss = (x_hat - tb.repeat(2, *([1] * (tb.dim() - 1)))).pow(2).flatten(1).sum(1).mean()
-                        loss = loss + cfg.contrastive_weight * view_contrastive_loss(u[:b], u[b:])
+                        va, vb = shard(view(xb)), shard(view(xb))
+                        bl = len(va)
+                        u, x_hat = step(torch.cat([va, vb]))
+                        tb = target(shard(xb))
+                        x_hat = x_hat.view(2 * bl, *tb.shape[1:])
+                        loss = (x_hat - tb.repeat(2, *([1] * (tb.dim() - 1)))).pow(2).flatten(1).sum(1).mean() * share
+                        loss = loss + cfg.contrastive_weight * view_contrastive_loss(gather(u[:bl]), gather(u[bl:]))
                     else:
-                        tb = target(xb)
-                        x_hat = ae.decode(ae.encode(view(xb))).view_as(tb)
-                        loss = (x_hat - tb).pow(2).flatten(1).sum(1).mean()
+                        tb = target(shard(xb))
+                        x_hat = step(shard(view(xb)))[1].view_as(tb)
+                        loss = (x_hat - tb).pow(2).flatten(1).sum(1).mean() * share
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -377,8 +443,8 @@ class DCSS:
 
             # ---- k-means initialisation of the centers
             t0 = time.perf_counter()
-            u_all = self._encode_all(xn, dev)
-            self.centers.init_kmeans(u_all, seed=cfg.seed)
+            u_all = encode_all(xn)
+            self.centers.init_kmeans(u_all, seed=cfg.seed)  # rank 0 computes, every rank receives
             history["labels_after_pretrain"] = self.centers(u_all).argmax(1).cpu().numpy()
             history["time_s"]["kmeans_init"] = time.perf_counter() - t0
             start_phase, start_epoch = "phase1", 0
@@ -388,30 +454,33 @@ class DCSS:
         if phase_order.index(start_phase) <= 1:
             criterion1 = CenteringLoss(m=cfg.m, lam=cfg.lam, reduction="mean")
             opt = torch.optim.Adam(_param_groups(ae, cfg.lr * cfg.phase1_lr_factor), lr=cfg.lr * cfg.phase1_lr_factor)
+            step = _distribute(_AutoencoderStep(ae), dev)
             first, bar = begin_phase("phase1", opt, "phase 1")
             for epoch in range(first, epochs["phase1"]):
                 t0 = time.perf_counter()
                 ae.train()
                 total = 0.0
                 for idx in self._batches(n, gen):
-                    xb = xn[idx].to(dev)
-                    u = ae.encode(xb)
+                    xb = shard(xn[idx]).to(dev)
+                    share = n_ranks * len(xb) / len(idx)
+                    u, x_hat = step(xb)
                     tb = target(xb)
-                    x_hat = ae.decode(u).view_as(tb)
-                    loss = criterion1(tb, x_hat, u, self.centers.centers, self.centers(u.detach()))
+                    x_hat = x_hat.view_as(tb)
+                    loss = criterion1(tb, x_hat, u, self.centers.centers, self.centers(u.detach())) * share
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     total += loss.item() * len(idx)
-                if (epoch + 1) % cfg.T1 == 0:
-                    self.centers.accumulate(self._encode_all(xn, dev))
+                if (epoch + 1) % cfg.T1 == 0:  # each rank adds its shard of the data; update() all-reduces
+                    self.centers.accumulate(encode_all(xn[shard_bounds(n, n_ranks, my_rank)[0]:
+                                                          shard_bounds(n, n_ranks, my_rank)[1]]))
                     self.centers.update()
                 cd = torch.pdist(self.centers.centers).min().item()
                 history["min_center_distance"].append(cd)
                 end_epoch("phase1", epoch, bar, opt, t0, {"loss": total / n, "min_center_distance": cd},
                           min_center_dist=f"{cd:.3f}")
             bar.close()
-            u_all = self._encode_all(xn, dev)
+            u_all = encode_all(xn)
             history["labels_after_phase1"] = self.centers(u_all).argmax(1).cpu().numpy()
             if cfg.neighbors > 0:
                 knn = mine_neighbors(u_all)
@@ -429,13 +498,14 @@ class DCSS:
                                             exclude_self=cfg.exclude_self)
         opt = torch.optim.Adam([*_param_groups(ae, cfg.lr * cfg.phase2_encoder_lr_factor),
                                 {"params": heads.parameters(), "lr": cfg.lr}])
+        step2 = _distribute(_Phase2Step(ae, heads), dev, find_unused_parameters=True)  # decoder idle
         first, bar = begin_phase("phase2", opt, "phase 2")
         two_views = cfg.augment or knn is not None
         for epoch in range(first, epochs["phase2"]):
             t0 = time.perf_counter()
             q_space = epoch >= cfg.T2
             if knn is not None and cfg.neighbor_refresh > 0 and epoch > 0 and epoch % cfg.neighbor_refresh == 0:
-                knn = mine_neighbors(self._encode_all(xn, dev))
+                knn = mine_neighbors(encode_all(xn))
             ae.train()
             heads.train()
             total, pos_total = 0.0, 0.0
@@ -443,30 +513,33 @@ class DCSS:
             for idx in self._batches(n, gen):
                 xa = xn[idx]
                 b = len(idx)
+                bl = len(shard(idx))
+                share = n_ranks * bl / b
                 if two_views:
                     if knn is not None:
                         pick = torch.randint(knn.shape[1], (b,), generator=gen)
                         xb = xn[knn[idx, pick]]
                     else:
                         xb = xa
-                    inputs = torch.cat([view(xa.to(dev)), view(xb.to(dev))])
+                    inputs = torch.cat([shard(view(xa.to(dev))), shard(view(xb.to(dev)))])
                 else:
-                    inputs = xa.to(dev)
-                u = ae.encode(inputs)
-                p = None if q_space else self.centers(u.detach())
+                    inputs = shard(xa).to(dev)
+                u, qs = step2(inputs)
+                # pairs span the global batch: gather p and q from all ranks (gradients flow back to each rank)
+                p_all = None if q_space else gather(self.centers(u.detach()))
                 loss = u.new_zeros(())
                 pos = 0.0
-                for h, head in enumerate(heads):
-                    q = head(u)
+                for h, q in enumerate(qs):
+                    q_all = gather(q)
                     with torch.no_grad():
-                        s = q @ q.t() if q_space else p @ p.t()  # type: ignore[union-attr]
+                        s = q_all @ q_all.t() if q_space else p_all @ p_all.t()  # type: ignore[union-attr]
                         if h == 0:
                             pos = (s > cfg.zeta).float().mean().item()
-                    loss_h = criterion2(q, s)
+                    loss_h = criterion2(q_all, s)
                     if two_views:  # known positives: two views of a sample, or a sample and a u-space neighbour
-                        loss_h = loss_h + known_positive_loss(q[:b], q[b:], cfg.positive_loss)
+                        loss_h = loss_h + known_positive_loss(q[:bl], q[bl:], cfg.positive_loss) * share
                     if cfg.balance_weight > 0:
-                        loss_h = loss_h + cfg.balance_weight * balance_penalty(q)
+                        loss_h = loss_h + cfg.balance_weight * balance_penalty(q_all)
                     head_losses[h] += loss_h.item() * b
                     loss = loss + loss_h
                 opt.zero_grad(set_to_none=True)
@@ -475,7 +548,7 @@ class DCSS:
                 total += loss.item() / cfg.num_heads * b
                 pos_total += pos * b
             history["positive_pair_share"].append(pos_total / n)
-            history["head_losses_last_epoch"] = (head_losses / n).tolist()
+            history["head_losses_last_epoch"] = [mean_over_ranks(v) for v in (head_losses / n).tolist()]
             end_epoch("phase2", epoch, bar, opt, t0, {"loss": total / n, "positive_pair_share": pos_total / n},
                       targets="q" if q_space else "p", pos=f"{pos_total / n:.3f}")
         bar.close()
@@ -491,6 +564,8 @@ class DCSS:
         for phase, e in epochs.items():
             history["time_per_epoch_s"][phase] = history["time_s"][phase] / max(e, 1)
 
+        broadcast_buffers(ae)
+        broadcast_buffers(self.head)
         self.config = cfg
         self.history_ = history
         self.labels_ = self.predict(x)

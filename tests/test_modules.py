@@ -88,3 +88,37 @@ def test_accuracy_equals_best_permutation_bruteforce():
     assert cluster_accuracy(y, relabeled) == pytest.approx(best)
     m = evaluate(y, y)
     assert m == {"acc": 1.0, "nmi": 1.0, "ari": 1.0}
+
+
+def test_pairwise_loss_module_targets_and_known_positive_ids_match_naive():
+    """``target=p`` means ``s = p p^T``; no target means ``s = q q^T``; equal ``sample_ids`` force ``s_ij = 1``."""
+    from dcss_plugin import PairwiseSimilarityLoss
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(8, 3, generator=g, dtype=torch.float64) * 3, 1)
+    p = torch.softmax(torch.randn(8, 3, generator=g, dtype=torch.float64) * 3, 1)
+    ids = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    crit = PairwiseSimilarityLoss(0.7, 0.3, reduction="sum", exclude_self=True)
+
+    def naive(s):
+        total = 0.0
+        for i, j in itertools.product(range(8), range(8)):
+            if i == j:
+                continue
+            sim = float(q[i] @ q[j])
+            total += (1 - sim) if s[i][j] > 0.7 else (sim if s[i][j] < 0.3 else 0.0)
+        return total
+
+    s_p = [[float(p[i] @ p[j]) for j in range(8)] for i in range(8)]
+    s_q = [[float(q[i] @ q[j]) for j in range(8)] for i in range(8)]
+    s_ids = [[1.0 if ids[i] == ids[j] else s_q[i][j] for j in range(8)] for i in range(8)]
+    assert crit(q, target=p).item() == pytest.approx(naive(s_p))
+    assert crit(q).item() == pytest.approx(naive(s_q))
+    assert crit(q, sample_ids=ids).item() == pytest.approx(naive(s_ids))
+    assert crit(q, p @ p.t()).item() == pytest.approx(naive(s_p))
+    with pytest.raises(ValueError, match="not both"):
+        crit(q, p @ p.t(), target=p)
+    with pytest.raises(ValueError, match="sample_ids"):
+        crit(q, sample_ids=ids[:5])
+    with pytest.raises(ValueError, match="target"):
+        crit(q, target=p[:, :2])
