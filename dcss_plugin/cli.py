@@ -249,6 +249,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "ddp":
+        from .bench_distributed import run_ddp_bench
+
+        return run_ddp_bench(args)
     from .bench import run_bench
 
     return run_bench(args)
@@ -328,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
 
-    bench = sub.add_parser("bench", help="benchmarks: 'fit' (phases, quality, one-pass vs K-step Phase 1)")
-    bench.add_argument("what", nargs="?", default="fit", choices=["fit", "assign"])
+    bench = sub.add_parser("bench", help="benchmarks: 'fit' (phases, quality, one-pass vs K-step Phase 1), "
+                                                "'assign' (ONNX vs torch), 'ddp' (1 vs N processes, pair gathering)")
+    bench.add_argument("what", nargs="?", default="fit", choices=["fit", "assign", "ddp"])
+    bench.add_argument("--devices", type=_positive_int, default=2, help="bench ddp: processes to compare with one")
     bench.add_argument("--dataset", default="digits")
     bench.add_argument("--data-root")
     bench.add_argument("--clusters", "-k", type=int, default=10)
