@@ -11,8 +11,10 @@ from .autoencoders import ConvAutoencoder, MLPAutoencoder
 from .centers import ClusterCenters
 from .config import DCSSConfig
 from .data import DataError
-from .estimator import DCSS, balance_penalty
+from .estimator import DCSS
 from .functional import (
+    balance_penalty,
+    known_positive_loss,
     center_statistics,
     centering_loss,
     centers_from_statistics,
@@ -37,6 +39,7 @@ __all__ = [
     "MLPAutoencoder",
     "PairwiseSimilarityLoss",
     "balance_penalty",
+    "known_positive_loss",
     "center_statistics",
     "centering_loss",
     "centers_from_statistics",

@@ -24,12 +24,12 @@ from .centers import ClusterCenters
 from .config import DCSSConfig
 from .data import DataError, InputNormalizer, as_tensor, validate_features
 from .distributed import broadcast_buffers, gather, is_distributed, mean_over_ranks, rank, shard_bounds, world_size
-from .functional import view_contrastive_loss
+from .functional import balance_penalty, known_positive_loss, view_contrastive_loss
 from .heads import DCSSHead
 from .io import atomic_torch_save, load_checkpoint
 from .losses import CenteringLoss, PairwiseSimilarityLoss
 
-__all__ = ["DCSS", "balance_penalty", "known_positive_loss"]
+__all__ = ["DCSS"]
 
 log = logging.getLogger("dcss_plugin")
 
@@ -82,24 +82,6 @@ def _load_progress(path: str | os.PathLike, cfg: DCSSConfig, data: Dict[str, Any
     if state.get("phase") not in ("pretrain", "phase1", "phase2"):
         raise ValueError(f"{path!r} has an unknown phase {state.get('phase')!r}.")
     return state
-
-
-def balance_penalty(q: Tensor) -> Tensor:
-    """``KL(mean q || uniform) = sum_k qbar_k log qbar_k + log K`` (>= 0, 0 iff clusters are used evenly)."""
-    qbar = q.mean(0).clamp_min(1e-12)
-    return (qbar * qbar.log()).sum() + math.log(q.shape[1])
-
-
-def known_positive_loss(q_a: Tensor, q_b: Tensor, kind: str = "log") -> Tensor:
-    """Pull term on pairs known to be similar (row i of ``q_a`` with row i of ``q_b``), both (B, K).
-
-    ``"linear"``: mean ``1 - q_a_i . q_b_i`` (the paper's pull term); ``"log"``: mean ``-log(q_a_i . q_b_i)``, whose
-    gradient does not vanish when the two assignments disagree completely.
-    """
-    dot = (q_a * q_b).sum(1)
-    if kind == "log":
-        return -dot.clamp_min(1e-8).log().mean()
-    return (1.0 - dot).mean()
 
 
 def _param_groups(module: nn.Module, lr: float) -> List[Dict[str, Any]]:

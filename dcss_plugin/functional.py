@@ -9,6 +9,7 @@ memberships, ``q`` (B, K) head outputs, ``s`` (B, B) pairwise target similaritie
 
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -23,6 +24,8 @@ __all__ = [
     "pairwise_similarity_loss",
     "pairwise_similarity",
     "view_contrastive_loss",
+    "balance_penalty",
+    "known_positive_loss",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -258,3 +261,25 @@ def view_contrastive_loss(u_a: Tensor, u_b: Tensor, temperature: float = 0.5) ->
     logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
     target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     return torch.nn.functional.cross_entropy(logits, target)
+
+
+def balance_penalty(q: Tensor) -> Tensor:
+    """``KL(mean q || uniform) = sum_k qbar_k log qbar_k + log K`` (>= 0, 0 iff clusters are used evenly).
+
+    The guard of the default preset against collapse: once the Phase-2 targets are ``q q^T``, any hard partition
+    (one cluster included) has zero pairwise loss. ``q`` (B, K); returns a scalar.
+    """
+    qbar = q.mean(0).clamp_min(1e-12)
+    return (qbar * qbar.log()).sum() + math.log(q.shape[1])
+
+
+def known_positive_loss(q_a: Tensor, q_b: Tensor, kind: str = "log") -> Tensor:
+    """Pull term on pairs known to be similar (row i of ``q_a`` with row i of ``q_b``), both (B, K).
+
+    ``"linear"``: mean ``1 - q_a_i . q_b_i`` (the paper's pull term); ``"log"``: mean ``-log(q_a_i . q_b_i)``, whose
+    gradient does not vanish when the two assignments disagree completely.
+    """
+    dot = (q_a * q_b).sum(1)
+    if kind == "log":
+        return -dot.clamp_min(1e-8).log().mean()
+    return (1.0 - dot).mean()

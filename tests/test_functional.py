@@ -1,6 +1,7 @@
 """The pure functions against naive reference implementations."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -214,3 +215,15 @@ def test_view_contrastive_loss_matches_naive():
     # identical views of well-separated points give a small loss; shuffled partners a large one
     x = torch.eye(5) * 10
     assert F.view_contrastive_loss(x, x, 0.1) < F.view_contrastive_loss(x, x.roll(1, 0), 0.1)
+
+
+def test_balance_penalty_is_kl_to_uniform_and_known_positive_loss():
+    q = torch.softmax(torch.randn(7, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 1)
+    qbar = q.mean(0)
+    assert F.balance_penalty(q).item() == pytest.approx(float((qbar * (qbar * 4).log()).sum()))
+    assert F.balance_penalty(torch.full((5, 4), 0.25, dtype=torch.float64)).item() == pytest.approx(0.0, abs=1e-12)
+    assert F.balance_penalty(torch.eye(4, dtype=torch.float64)[[0, 0, 0]]).item() == pytest.approx(math.log(4))
+    a, b = q[:3], q[3:6]
+    dots = [float(a[i] @ b[i]) for i in range(3)]
+    assert F.known_positive_loss(a, b, "log").item() == pytest.approx(-sum(torch.log(torch.tensor(dots))).item() / 3)
+    assert F.known_positive_loss(a, b, "linear").item() == pytest.approx(sum(1 - d for d in dots) / 3)
