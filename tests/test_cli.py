@@ -121,3 +121,24 @@ def test_console_script_runs(tmp_path):
         pytest.skip("dcss console script not installed in this environment")
     res = subprocess.run([exe, "fit", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--clusters" in res.stdout
+
+
+@pytest.mark.slow
+def test_fit_ssl_simclr_on_digits_writes_the_contract_and_exports(tmp_path):
+    """``dcss fit --ssl simclr``: Lightly SimCLR + DCSS from the command line, same files, exportable checkpoint."""
+    out = tmp_path / "ssl"
+    rc = main(["fit", "--dataset", "digits", "--clusters", "10", "--ssl", "simclr", "--pretrain-epochs", "2",
+               "--phase2-epochs", "6", "--quiet", "--no-html", "--out", str(out)])
+    assert rc == 0
+    labels = np.load(out / "labels.npy")
+    assert labels.shape == (1797,) and labels.dtype == np.int64
+    report = json.loads((out / "report.json").read_text())
+    assert report["epochs"]["phase2"] == 6 and report["metrics"]["acc"] > 0.3
+    from dcss_plugin import DCSS
+    from sklearn.datasets import load_digits
+
+    np.testing.assert_array_equal(DCSS.load(out / "checkpoint.pt").predict(load_digits().images), labels)
+    with pytest.raises(SystemExit):
+        main(["fit", "--dataset", "digits", "--clusters", "10", "--ssl", "byol", "--out", str(out)])
+    assert main(["fit", "--dataset", "digits", "--clusters", "10", "--ssl", "simclr", "--backbone", "timm:resnet18",
+                 "--out", str(tmp_path / "x")]) == 2
