@@ -48,6 +48,16 @@ def _fit_digits(out_file: str, epochs: Dict[str, int], seed: int) -> None:
             json.dump({"time_per_epoch_s": h["time_per_epoch_s"], "n": h["n_samples"], "params": n_params}, fh)
 
 
+def _median_step_time(logits: torch.Tensor, criterion: torch.nn.Module, repeats: int) -> float:
+    """Median seconds of forward + backward of ``criterion(softmax(logits))`` (one warm-up step not counted)."""
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        criterion(torch.softmax(logits, 1)).backward()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def _loss_worker(out_file: str, sizes: List[int], k: int, repeats: int) -> None:
     from .distributed import rank, shard_bounds, world_size
     from .losses import PairwiseSimilarityLoss
@@ -56,16 +66,11 @@ def _loss_worker(out_file: str, sizes: List[int], k: int, repeats: int) -> None:
     for b in sizes:
         lo, hi = shard_bounds(b, world_size(), rank())
         logits = torch.randn(b, k, generator=torch.Generator().manual_seed(b))[lo:hi].requires_grad_()
-        row = {}
-        for name, gathered in (("gathered", True), ("local", False)):
-            crit = PairwiseSimilarityLoss(reduction="balanced", exclude_self=True, gather_distributed=gathered)
-            times = []
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                crit(torch.softmax(logits, 1)).backward()
-                times.append(time.perf_counter() - t0)
-            row[name] = statistics.median(times[1:])
-        results[b] = row
+        results[b] = {
+            name: _median_step_time(logits, PairwiseSimilarityLoss(reduction="balanced", exclude_self=True,
+                                                                   gather_distributed=gathered), repeats)
+            for name, gathered in (("gathered", True), ("local", False))
+        }
     if rank() == 0:
         with open(out_file, "w", encoding="utf-8") as fh:
             json.dump(results, fh)
@@ -78,12 +83,7 @@ def _single_loss(sizes: List[int], k: int, repeats: int) -> Dict[int, float]:
     crit = PairwiseSimilarityLoss(reduction="balanced", exclude_self=True)
     for b in sizes:
         logits = torch.randn(b, k, generator=torch.Generator().manual_seed(b)).requires_grad_()
-        times = []
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            crit(torch.softmax(logits, 1)).backward()
-            times.append(time.perf_counter() - t0)
-        out[b] = statistics.median(times[1:])
+        out[b] = _median_step_time(logits, crit, repeats)
     return out
 
 
