@@ -281,8 +281,8 @@ class DCSS:
         ``callback`` and writes ``checkpoint_path``. BatchNorm statistics are per rank (CPU has no SyncBatchNorm)
         and are copied from rank 0 before every full pass over the data.
         """
-        cfg = self.config.resolved()
         x = self._prepare(X, fitting=True)
+        cfg = self.config.resolved(images=x.dim() == 4)
         if len(x) < 2:
             raise DataError("Need at least 2 samples to train.")
         dev = _resolve_device(self.device)
