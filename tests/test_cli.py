@@ -142,3 +142,18 @@ def test_fit_ssl_simclr_on_digits_writes_the_contract_and_exports(tmp_path):
         main(["fit", "--dataset", "digits", "--clusters", "10", "--ssl", "byol", "--out", str(out)])
     assert main(["fit", "--dataset", "digits", "--clusters", "10", "--ssl", "simclr", "--backbone", "timm:resnet18",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_fit_devices_rejects_bad_input_and_combinations_before_spawning(tmp_path, capsys):
+    x, _ = blobs(n_per=2)
+    np.save(tmp_path / "X.npy", x)
+    x[0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    base = ["fit", "--devices", "2", "--out", str(tmp_path / "run"), *FAST]
+    assert main([*base, "--data", str(tmp_path / "X.npy"), "--clusters", "7"]) == 2      # K > N
+    assert "7" in capsys.readouterr().err
+    assert main([*base, "--data", str(tmp_path / "nan.npy"), "--clusters", "3"]) == 2    # NaN
+    assert "NaN" in capsys.readouterr().err
+    assert main([*base, "--dataset", "digits", "--clusters", "10", "--ssl", "simclr"]) == 2
+    assert "--devices" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "log.jsonl").exists()
