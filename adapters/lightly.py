@@ -40,7 +40,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ from dcss_plugin import distributed as dist
 from dcss_plugin.autoencoders import ConvAutoencoder
 from dcss_plugin.centers import ClusterCenters
 from dcss_plugin.config import DCSSConfig
-from dcss_plugin.data import DataError, InputNormalizer, as_tensor, validate_features
+from dcss_plugin.data import (DataError, InputNormalizer, as_tensor, data_fingerprint, shuffled_batches,
+                              validate_features)
 from dcss_plugin.estimator import DCSS, _resolve_device
 from dcss_plugin.functional import balance_penalty
 from dcss_plugin.heads import DCSSHead
@@ -406,20 +407,6 @@ def _epochs_or(value: Optional[int], default: int) -> int:
     return int(value)
 
 
-def _batches(n: int, bs: int, gen: torch.Generator) -> List[Tensor]:
-    perm = torch.randperm(n, generator=gen)
-    out = [perm[i:i + bs] for i in range(0, n, bs)]
-    if len(out) > 1 and len(out[-1]) < 2:  # BatchNorm needs two samples
-        out[-2] = torch.cat([out[-2], out.pop()])
-    return out
-
-
-def _fingerprint(x: Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
 def fit_lightly(x: Any, n_clusters: int, ssl: str = "simclr", *, temperature: float = 0.5,
                 positive_weight: float = 1.0, balance_weight: float = 5.0, views: Optional[nn.Module] = None,
                 preset: str = "default", device: str = "auto", verbose: bool = False,
@@ -501,7 +488,7 @@ def fit_lightly(x: Any, n_clusters: int, ssl: str = "simclr", *, temperature: fl
     opt_joint = torch.optim.Adam([{"params": ssl_params, "lr": cfg.lr},
                                   {"params": model.cluster_head.parameters(), "lr": cfg.lr}])
     phase, first = "pretrain", 0
-    fingerprint = _fingerprint(xn)
+    fingerprint = data_fingerprint(xn)
 
     def save_progress(next_phase: str, next_epoch: int) -> None:
         if checkpoint_path is None:
@@ -564,7 +551,7 @@ def fit_lightly(x: Any, n_clusters: int, ssl: str = "simclr", *, temperature: fl
             t0 = time.perf_counter()
             model.train()
             total = 0.0
-            for idx in _batches(n, cfg.batch_size, gen):
+            for idx in shuffled_batches(n, cfg.batch_size, gen):
                 xb = xn[idx].to(dev)
                 x0, x1 = aug(xb, gen), aug(xb, gen)
                 z = model.projection_head(model.backbone(torch.cat([x0, x1])))
@@ -589,7 +576,7 @@ def fit_lightly(x: Any, n_clusters: int, ssl: str = "simclr", *, temperature: fl
         u_space = epoch < cfg.T2
         model.train()
         total = ssl_total = clu_total = 0.0
-        for idx in _batches(n, cfg.batch_size, gen):
+        for idx in shuffled_batches(n, cfg.batch_size, gen):
             b = len(idx)
             xb = xn[idx].to(dev)
             u = model.backbone(torch.cat([aug(xb, gen), aug(xb, gen)]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ from torch import Tensor
 
 __all__ = [
     "DataError",
+    "data_fingerprint",
+    "shuffled_batches",
     "InputNormalizer",
     "as_tensor",
     "validate_features",
@@ -249,3 +251,21 @@ class InputNormalizer:
     @classmethod
     def from_state_dict(cls, state: dict) -> "InputNormalizer":
         return cls(state["offset"], state["scale"], str(state["kind"]))
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> List[Tensor]:
+    """Index batches of one shuffled epoch over ``n`` samples; a last batch of one sample joins the one before
+    (BatchNorm needs two samples)."""
+    perm = torch.randperm(n, generator=generator)
+    out = [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out[-2] = torch.cat([out[-2], out.pop()])
+    return out
+
+
+def data_fingerprint(x: Tensor) -> Dict[str, Any]:
+    """Identity of training data (shape and a SHA-256 of its bytes), stored in progress files and checked on resume."""
+    import hashlib
+
+    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return {"shape": list(x.shape), "sha256": digest}

@@ -53,11 +53,6 @@ def shard_sizes(n_local: int, device: torch.device | str = "cpu") -> List[int]:
     return [int(t.item()) for t in out]
 
 
-def _collective_device(t: Tensor) -> torch.device:
-    # NCCL only moves CUDA tensors; gloo moves CPU (and CUDA) tensors.
-    return t.device
-
-
 def gather(t: Tensor) -> Tensor:
     """Concatenate ``t`` (B_r, ...) of every rank along dim 0, in rank order, keeping gradients.
 
@@ -72,7 +67,7 @@ def gather(t: Tensor) -> Tensor:
     """
     if not is_distributed():
         return t
-    sizes = shard_sizes(t.shape[0], _collective_device(t))
+    sizes = shard_sizes(t.shape[0], t.device)  # on t's device: NCCL only moves CUDA tensors
     largest = max(sizes)
     padded = t
     if t.shape[0] < largest:

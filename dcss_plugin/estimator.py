@@ -22,7 +22,7 @@ from .augment import default_augmentation
 from .autoencoders import ConvAutoencoder, MLPAutoencoder
 from .centers import ClusterCenters
 from .config import DCSSConfig
-from .data import DataError, InputNormalizer, as_tensor, validate_features
+from .data import DataError, InputNormalizer, as_tensor, data_fingerprint, shuffled_batches, validate_features
 from .distributed import broadcast_buffers, gather, is_distributed, mean_over_ranks, rank, shard_bounds, world_size
 from .functional import balance_penalty, known_positive_loss, view_contrastive_loss
 from .heads import DCSSHead
@@ -39,14 +39,6 @@ PROGRESS_FORMAT = "dcss-plugin/progress-v1"
 
 def _cpu_state(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in sd.items()}
-
-
-def _fingerprint(x: Tensor) -> Dict[str, Any]:
-    """Identity of the training data (shape and a SHA-256 of the float32 bytes), checked on resume."""
-    import hashlib
-
-    digest = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-    return {"shape": list(x.shape), "sha256": digest}
 
 
 def _history_to_state(history: Dict[str, Any]) -> Dict[str, Any]:
@@ -237,15 +229,6 @@ class DCSS:
                               hidden_dims=tuple(spec["hidden_dims"]))
 
     # ------------------------------------------------------------------ helpers
-    def _batches(self, n: int, gen: torch.Generator) -> List[Tensor]:
-        perm = torch.randperm(n, generator=gen)
-        bs = self.config.batch_size
-        out = [perm[i:i + bs] for i in range(0, n, bs)]
-        if len(out) > 1 and len(out[-1]) < 2:  # BatchNorm needs two samples
-            out[-2] = torch.cat([out[-2], out[-1]])
-            out.pop()
-        return out
-
     @torch.no_grad()
     def _encode_all(self, xn: Tensor, dev: torch.device, chunk: int = 4096) -> Tensor:
         assert self.autoencoder is not None
@@ -289,10 +272,11 @@ class DCSS:
         n_ranks, my_rank = world_size(), rank()
         lead = my_rank == 0
         resumed: Optional[Dict[str, Any]] = None
+        fingerprint = data_fingerprint(x) if checkpoint_path is not None else None  # once, not per epoch
         if resume:
             if checkpoint_path is None:
                 raise ValueError("resume=True needs checkpoint_path (the progress file of the interrupted run).")
-            resumed = _load_progress(checkpoint_path, cfg, _fingerprint(x))
+            resumed = _load_progress(checkpoint_path, cfg, fingerprint)
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.input_shape = tuple(x.shape[1:])
@@ -352,7 +336,7 @@ class DCSS:
                 return
             state = {
                 "format": PROGRESS_FORMAT, "version": __version__, "config": cfg.to_dict(),
-                "data": _fingerprint(x), "phase": phase, "epoch": epoch,
+                "data": fingerprint, "phase": phase, "epoch": epoch,
                 "autoencoder": _cpu_state(ae.state_dict()), "centers": _cpu_state(self.centers.state_dict()),
                 "heads": _cpu_state(heads.state_dict()) if heads is not None and phase == "phase2" else None,
                 "optimizer": opt.state_dict() if opt is not None else None,
@@ -400,7 +384,7 @@ class DCSS:
                 t0 = time.perf_counter()
                 ae.train()
                 total = 0.0
-                for idx in self._batches(n, gen):
+                for idx in shuffled_batches(n, cfg.batch_size, gen):
                     xb = xn[idx].to(dev)
                     share = n_ranks * len(shard(idx)) / len(idx)  # local mean * share, averaged by DDP = global mean
                     if cfg.contrastive_weight > 0 and aug is not None:
@@ -442,7 +426,7 @@ class DCSS:
                 t0 = time.perf_counter()
                 ae.train()
                 total = 0.0
-                for idx in self._batches(n, gen):
+                for idx in shuffled_batches(n, cfg.batch_size, gen):
                     xb = shard(xn[idx]).to(dev)
                     share = n_ranks * len(xb) / len(idx)
                     u, x_hat = step(xb)
@@ -454,8 +438,7 @@ class DCSS:
                     opt.step()
                     total += loss.item() * len(idx)
                 if (epoch + 1) % cfg.T1 == 0:  # each rank adds its shard of the data; update() all-reduces
-                    self.centers.accumulate(encode_all(xn[shard_bounds(n, n_ranks, my_rank)[0]:
-                                                          shard_bounds(n, n_ranks, my_rank)[1]]))
+                    self.centers.accumulate(encode_all(shard(xn)))
                     self.centers.update()
                 cd = torch.pdist(self.centers.centers).min().item()
                 history["min_center_distance"].append(cd)
@@ -492,7 +475,7 @@ class DCSS:
             heads.train()
             total, pos_total = 0.0, 0.0
             head_losses = torch.zeros(cfg.num_heads)
-            for idx in self._batches(n, gen):
+            for idx in shuffled_batches(n, cfg.batch_size, gen):
                 xa = xn[idx]
                 b = len(idx)
                 bl = len(shard(idx))
