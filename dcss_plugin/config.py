@@ -32,7 +32,7 @@ so small data gets more epochs and large data fewer.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 __all__ = ["DCSSConfig", "PRESETS"]
 
@@ -61,6 +61,8 @@ class DCSSConfig:
         augment: make augmented views (pretraining and Phase 2).
         neighbors: k of the u-space nearest-neighbour positives in Phase 2 (0 turns them off).
         balance_weight: weight of the KL(mean q || uniform) guard in Phase 2 (0 turns it off).
+        balance_tolerance: divergence from even sizes (nats) the guard lets pass: a number >= 0, or ``"phase1"``
+            for the divergence of the Phase-1 partition's own cluster sizes (label-free).
         exclude_self: drop i == j pairs from the pairwise loss.
         pair_reduction: reduction of the pairwise loss: ``"mean"`` (paper) or ``"balanced"`` (default preset).
         positive_loss: pull term on known positive pairs: ``"log"`` (``-log q_a.q_b``) or ``"linear"``.
@@ -94,6 +96,7 @@ class DCSSConfig:
     augment: Optional[bool] = None
     neighbors: Optional[int] = None
     balance_weight: Optional[float] = None
+    balance_tolerance: Optional[Union[str, float]] = None
     exclude_self: Optional[bool] = None
     pair_reduction: Optional[str] = None
     positive_loss: str = "log"
@@ -117,6 +120,9 @@ class DCSSConfig:
             raise ValueError(f"Need 0 <= gamma <= zeta <= 1, got gamma={self.gamma}, zeta={self.zeta}.")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (pairs are formed within a batch), got {self.batch_size}.")
+        tol = self.balance_tolerance
+        if tol is not None and tol != "phase1" and (isinstance(tol, str) or not float(tol) >= 0):
+            raise ValueError(f"balance_tolerance must be a number >= 0 or 'phase1', got {tol!r}.")
         if self.T1 < 1 or self.T2 < 0:
             raise ValueError(f"Need T1 >= 1 and T2 >= 0, got T1={self.T1}, T2={self.T2}.")
         self.mlp_hidden_dims = tuple(int(h) for h in self.mlp_hidden_dims)
@@ -135,6 +141,7 @@ class DCSSConfig:
             "augment": not paper,
             "neighbors": 0 if paper else 5,
             "balance_weight": 0.0 if paper else 5.0,
+            "balance_tolerance": 0.0,
             "exclude_self": not paper,
             "pair_reduction": "mean" if paper else "balanced",
             "contrastive_weight": 0.0 if (paper or not images) else 1.0,

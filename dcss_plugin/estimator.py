@@ -459,6 +459,13 @@ class DCSS:
         ).to(dev)
         if resumed is not None and resumed.get("heads") is not None and start_phase == "phase2":
             heads.load_state_dict(resumed["heads"])
+        tolerance = 0.0
+        if cfg.balance_tolerance == "phase1" and "labels_after_phase1" in history:
+            sizes = np.bincount(np.asarray(history["labels_after_phase1"]), minlength=cfg.n_clusters) / n
+            tolerance = float(np.sum(sizes[sizes > 0] * np.log(sizes[sizes > 0] * cfg.n_clusters)))
+        elif cfg.balance_tolerance != "phase1":
+            tolerance = float(cfg.balance_tolerance)
+        history["balance_tolerance"] = tolerance
         criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
                                             exclude_self=cfg.exclude_self)
         opt = torch.optim.Adam([*_param_groups(ae, cfg.lr * cfg.phase2_encoder_lr_factor),
@@ -504,7 +511,7 @@ class DCSS:
                     if two_views:  # known positives: two views of a sample, or a sample and a u-space neighbour
                         loss_h = loss_h + known_positive_loss(q[:bl], q[bl:], cfg.positive_loss) * share
                     if cfg.balance_weight > 0:
-                        loss_h = loss_h + cfg.balance_weight * balance_penalty(q_all)
+                        loss_h = loss_h + cfg.balance_weight * balance_penalty(q_all, tolerance)
                     head_losses[h] += loss_h.item() * b
                     loss = loss + loss_h
                 opt.zero_grad(set_to_none=True)

@@ -263,14 +263,24 @@ def view_contrastive_loss(u_a: Tensor, u_b: Tensor, temperature: float = 0.5) ->
     return torch.nn.functional.cross_entropy(logits, target)
 
 
-def balance_penalty(q: Tensor) -> Tensor:
-    """``KL(mean q || uniform) = sum_k qbar_k log qbar_k + log K`` (>= 0, 0 iff clusters are used evenly).
+def balance_penalty(q: Tensor, tolerance: float = 0.0) -> Tensor:
+    """``max(0, KL(mean q || uniform) - tolerance)``, with ``KL = sum_k qbar_k log qbar_k + log K`` (>= 0, 0 iff
+    clusters are used evenly).
 
     The guard of the default preset against collapse: once the Phase-2 targets are ``q q^T``, any hard partition
-    (one cluster included) has zero pairwise loss. ``q`` (B, K); returns a scalar.
+    (one cluster included) has zero pairwise loss. ``tolerance`` (>= 0, in nats) lets the cluster sizes be uneven
+    up to that divergence before the guard pushes back (0: pull toward equal sizes always). ``q`` (B, K); returns
+    a scalar.
+
+    Example:
+        >>> q = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
+        >>> balance_penalty(q)   # qbar = (0.85, 0.15): 0.85 log 0.85 + 0.15 log 0.15 + log 2 = 0.2704
     """
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}.")
     qbar = q.mean(0).clamp_min(1e-12)
-    return (qbar * qbar.log()).sum() + math.log(q.shape[1])
+    kl = (qbar * qbar.log()).sum() + math.log(q.shape[1])
+    return torch.relu(kl - tolerance) if tolerance > 0 else kl
 
 
 def known_positive_loss(q_a: Tensor, q_b: Tensor, kind: str = "log") -> Tensor:

@@ -98,6 +98,21 @@ def test_paper_preset_runs_faithful_settings():
     assert evaluate(y, model.labels_)["acc"] > 0.5  # well above chance (0.25) on easy blobs
 
 
+def test_phase1_balance_tolerance_is_the_divergence_of_the_phase1_sizes():
+    x, y = blobs(n_per=30, k=3, seed=3)
+    x = x[np.sort(np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:15], np.flatnonzero(y == 2)[:6]]))]
+    model = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), balance_tolerance="phase1", **FAST).fit(x)
+    sizes = np.bincount(model.history_["labels_after_phase1"], minlength=3) / len(x)
+    sizes = sizes[sizes > 0]
+    assert model.history_["balance_tolerance"] == pytest.approx(float(np.sum(sizes * np.log(sizes * 3))))
+    assert model.history_["balance_tolerance"] > 0.05  # 30/15/6 blobs: clearly uneven
+    fixed = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), balance_tolerance=0.25, **FAST).fit(x)
+    assert fixed.history_["balance_tolerance"] == 0.25
+    for bad in (-1.0, "phase2"):
+        with pytest.raises(ValueError, match="balance_tolerance"):
+            DCSS(3, balance_tolerance=bad)
+
+
 @pytest.mark.slow
 def test_default_recipe_on_digits_beats_kmeans():
     from sklearn.cluster import KMeans

@@ -227,3 +227,16 @@ def test_balance_penalty_is_kl_to_uniform_and_known_positive_loss():
     dots = [float(a[i] @ b[i]) for i in range(3)]
     assert F.known_positive_loss(a, b, "log").item() == pytest.approx(-sum(torch.log(torch.tensor(dots))).item() / 3)
     assert F.known_positive_loss(a, b, "linear").item() == pytest.approx(sum(1 - d for d in dots) / 3)
+
+
+def test_balance_penalty_tolerance_is_a_hinge_on_the_divergence():
+    q = torch.softmax(3 * torch.randn(9, 3, generator=torch.Generator().manual_seed(1)), 1).requires_grad_()
+    kl = F.balance_penalty(q)
+    assert F.balance_penalty(q, tolerance=kl.item() / 2).item() == pytest.approx(kl.item() / 2)
+    inside = F.balance_penalty(q, tolerance=kl.item() + 1e-3)  # uneven sizes within the tolerance: no pull
+    assert inside.item() == 0.0
+    inside.backward()
+    assert torch.count_nonzero(q.grad) == 0
+    with pytest.raises(ValueError, match="tolerance"):
+        F.balance_penalty(q, tolerance=-0.1)
+
