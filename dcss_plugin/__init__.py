@@ -14,6 +14,7 @@ from .data import DataError
 from .estimator import DCSS
 from .functional import (
     balance_penalty,
+    phase1_size_prior,
     known_positive_loss,
     center_statistics,
     centering_loss,
@@ -39,6 +40,7 @@ __all__ = [
     "MLPAutoencoder",
     "PairwiseSimilarityLoss",
     "balance_penalty",
+    "phase1_size_prior",
     "known_positive_loss",
     "center_statistics",
     "centering_loss",

@@ -61,6 +61,8 @@ class DCSSConfig:
         augment: make augmented views (pretraining and Phase 2).
         neighbors: k of the u-space nearest-neighbour positives in Phase 2 (0 turns them off).
         balance_weight: weight of the KL(mean q || uniform) guard in Phase 2 (0 turns it off).
+        balance_prior: the sizes the guard pulls toward: ``"uniform"`` (equal) or ``"phase1"`` (the Phase-1
+            partition's own proportions, each at least 0.3/K; label-free).
         balance_tolerance: divergence from even sizes (nats) the guard lets pass: a number >= 0, or ``"phase1"``
             for the divergence of the Phase-1 partition's own cluster sizes (label-free).
         exclude_self: drop i == j pairs from the pairwise loss.
@@ -96,6 +98,7 @@ class DCSSConfig:
     augment: Optional[bool] = None
     neighbors: Optional[int] = None
     balance_weight: Optional[float] = None
+    balance_prior: Optional[str] = None
     balance_tolerance: Optional[Union[str, float]] = None
     exclude_self: Optional[bool] = None
     pair_reduction: Optional[str] = None
@@ -120,6 +123,8 @@ class DCSSConfig:
             raise ValueError(f"Need 0 <= gamma <= zeta <= 1, got gamma={self.gamma}, zeta={self.zeta}.")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (pairs are formed within a batch), got {self.batch_size}.")
+        if self.balance_prior not in (None, "uniform", "phase1"):
+            raise ValueError(f"balance_prior must be 'uniform' or 'phase1', got {self.balance_prior!r}.")
         tol = self.balance_tolerance
         if tol is not None and tol != "phase1" and (isinstance(tol, str) or not float(tol) >= 0):
             raise ValueError(f"balance_tolerance must be a number >= 0 or 'phase1', got {tol!r}.")
@@ -141,6 +146,7 @@ class DCSSConfig:
             "augment": not paper,
             "neighbors": 0 if paper else 5,
             "balance_weight": 0.0 if paper else 5.0,
+            "balance_prior": "uniform",
             "balance_tolerance": 0.0,
             "exclude_self": not paper,
             "pair_reduction": "mean" if paper else "balanced",

@@ -54,7 +54,10 @@ def as_tensor(data: Any) -> Tuple[Tensor, Optional[Tensor]]:
             raise DataError("Data could not be read as a numeric array (ragged or mixed types); pass an (N, ...) array.")
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
             raise DataError(f"Data must be numeric, got dtype {arr.dtype}.")
-        return torch.as_tensor(arr.astype(np.float32, copy=False)), None
+        arr = arr.astype(np.float32, copy=False)
+        if not arr.flags.writeable:  # e.g. a read-only view from pandas: copy, since torch cannot share it
+            arr = arr.copy()
+        return torch.as_tensor(arr), None
     if isinstance(data, DataLoader):
         xs, ys = [], []
         for batch in data:

@@ -24,7 +24,7 @@ from .centers import ClusterCenters
 from .config import DCSSConfig
 from .data import DataError, InputNormalizer, as_tensor, data_fingerprint, shuffled_batches, validate_features
 from .distributed import broadcast_buffers, gather, is_distributed, mean_over_ranks, rank, shard_bounds, world_size
-from .functional import balance_penalty, known_positive_loss, view_contrastive_loss
+from .functional import balance_penalty, known_positive_loss, phase1_size_prior, view_contrastive_loss
 from .heads import DCSSHead
 from .io import atomic_torch_save, load_checkpoint
 from .losses import CenteringLoss, PairwiseSimilarityLoss
@@ -466,6 +466,11 @@ class DCSS:
         elif cfg.balance_tolerance != "phase1":
             tolerance = float(cfg.balance_tolerance)
         history["balance_tolerance"] = tolerance
+        size_prior: Optional[Tensor] = None
+        if cfg.balance_prior == "phase1" and "labels_after_phase1" in history:
+            size_prior = phase1_size_prior(torch.as_tensor(np.asarray(history["labels_after_phase1"])),
+                                           cfg.n_clusters).to(dev)
+            history["balance_prior"] = size_prior.cpu().numpy()
         criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
                                             exclude_self=cfg.exclude_self)
         opt = torch.optim.Adam([*_param_groups(ae, cfg.lr * cfg.phase2_encoder_lr_factor),
@@ -511,7 +516,7 @@ class DCSS:
                     if two_views:  # known positives: two views of a sample, or a sample and a u-space neighbour
                         loss_h = loss_h + known_positive_loss(q[:bl], q[bl:], cfg.positive_loss) * share
                     if cfg.balance_weight > 0:
-                        loss_h = loss_h + cfg.balance_weight * balance_penalty(q_all, tolerance)
+                        loss_h = loss_h + cfg.balance_weight * balance_penalty(q_all, tolerance, size_prior)
                     head_losses[h] += loss_h.item() * b
                     loss = loss + loss_h
                 opt.zero_grad(set_to_none=True)

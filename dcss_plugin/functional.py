@@ -10,7 +10,7 @@ memberships, ``q`` (B, K) head outputs, ``s`` (B, B) pairwise target similaritie
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,6 +25,7 @@ __all__ = [
     "pairwise_similarity",
     "view_contrastive_loss",
     "balance_penalty",
+    "phase1_size_prior",
     "known_positive_loss",
 ]
 
@@ -263,24 +264,46 @@ def view_contrastive_loss(u_a: Tensor, u_b: Tensor, temperature: float = 0.5) ->
     return torch.nn.functional.cross_entropy(logits, target)
 
 
-def balance_penalty(q: Tensor, tolerance: float = 0.0) -> Tensor:
-    """``max(0, KL(mean q || uniform) - tolerance)``, with ``KL = sum_k qbar_k log qbar_k + log K`` (>= 0, 0 iff
-    clusters are used evenly).
+def balance_penalty(q: Tensor, tolerance: float = 0.0, prior: Optional[Tensor] = None) -> Tensor:
+    """``max(0, KL(mean q || prior) - tolerance)``: how far the batch's cluster sizes are from ``prior``.
 
+    ``KL = sum_k qbar_k log(qbar_k / prior_k)`` (>= 0, 0 iff the clusters are used in the proportions of
+    ``prior``; uniform when ``prior`` is None, i.e. ``sum_k qbar_k log qbar_k + log K``).
     The guard of the default preset against collapse: once the Phase-2 targets are ``q q^T``, any hard partition
-    (one cluster included) has zero pairwise loss. ``tolerance`` (>= 0, in nats) lets the cluster sizes be uneven
-    up to that divergence before the guard pushes back (0: pull toward equal sizes always). ``q`` (B, K); returns
-    a scalar.
+    (one cluster included) has zero pairwise loss. ``tolerance`` (>= 0, in nats) lets the sizes drift up to that
+    divergence before the guard pushes back. ``q`` (B, K), ``prior`` (K,) positive, summing to 1; returns a scalar.
 
     Example:
         >>> q = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
         >>> balance_penalty(q)   # qbar = (0.85, 0.15): 0.85 log 0.85 + 0.15 log 0.15 + log 2 = 0.2704
+        >>> balance_penalty(q, prior=torch.tensor([0.85, 0.15]))   # 0: sizes as in the prior
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}.")
     qbar = q.mean(0).clamp_min(1e-12)
-    kl = (qbar * qbar.log()).sum() + math.log(q.shape[1])
+    if prior is None:
+        kl = (qbar * qbar.log()).sum() + math.log(q.shape[1])
+    else:
+        if prior.shape != qbar.shape or not bool((prior > 0).all()):
+            raise ValueError(f"prior must be ({q.shape[1]},) with positive entries, got {tuple(prior.shape)}.")
+        kl = (qbar * (qbar.log() - prior.to(qbar).log())).sum()
     return torch.relu(kl - tolerance) if tolerance > 0 else kl
+
+
+def phase1_size_prior(labels: Tensor, n_clusters: int, floor: float = 0.3) -> Tensor:
+    """Cluster proportions of a hard partition, each raised to at least ``floor / K`` and renormalised.
+
+    The size prior of :func:`balance_penalty` when it should keep the Phase-1 partition's (uneven) sizes rather
+    than equal ones; the floor keeps a nearly empty Phase-1 cluster alive. ``labels`` (N,) int; returns (K,).
+
+    Example:
+        >>> phase1_size_prior(torch.tensor([0, 0, 0, 1]), 2)   # (0.75, 0.25)
+    """
+    if not 0 <= floor <= 1:
+        raise ValueError(f"floor must be in [0, 1], got {floor}.")
+    sizes = torch.bincount(labels.long().flatten(), minlength=n_clusters).double() / max(labels.numel(), 1)
+    sizes = sizes.clamp_min(floor / n_clusters)
+    return (sizes / sizes.sum()).float()
 
 
 def known_positive_loss(q_a: Tensor, q_b: Tensor, kind: str = "log") -> Tensor:

@@ -1,10 +1,12 @@
 """The DCSS estimator end to end: quality on real data, reproducibility, persistence, label independence."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from dcss_plugin import DCSS, DataError, evaluate
+from dcss_plugin import DCSS, DataError, evaluate, phase1_size_prior
 
 FAST = dict(pretrain_epochs=15, phase1_epochs=4, phase2_epochs=15, verbose=False)
 
@@ -67,6 +69,11 @@ def test_accepts_tensors_datasets_and_loaders(blob_model):
     np.testing.assert_array_equal(model.predict(torch.as_tensor(x)), ref)
     np.testing.assert_array_equal(model.predict(ds), ref)
     np.testing.assert_array_equal(model.predict(DataLoader(ds, batch_size=17)), ref)
+    frozen = x.copy()
+    frozen.flags.writeable = False  # as pandas' to_numpy() may return: read, no "not writable" warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(model.predict(frozen), ref)
 
 
 def test_bad_input_to_predict_and_fit(blob_model, tmp_path):
@@ -98,10 +105,13 @@ def test_paper_preset_runs_faithful_settings():
     assert evaluate(y, model.labels_)["acc"] > 0.5  # well above chance (0.25) on easy blobs
 
 
-def test_phase1_balance_tolerance_is_the_divergence_of_the_phase1_sizes():
+def test_phase1_size_prior_and_tolerance_come_from_the_phase1_partition():
     x, y = blobs(n_per=30, k=3, seed=3)
     x = x[np.sort(np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:15], np.flatnonzero(y == 2)[:6]]))]
-    model = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), balance_tolerance="phase1", **FAST).fit(x)
+    model = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), balance_tolerance="phase1", balance_prior="phase1",
+                 **FAST).fit(x)
+    labels1 = torch.as_tensor(model.history_["labels_after_phase1"])
+    np.testing.assert_allclose(model.history_["balance_prior"], phase1_size_prior(labels1, 3).numpy())
     sizes = np.bincount(model.history_["labels_after_phase1"], minlength=3) / len(x)
     sizes = sizes[sizes > 0]
     assert model.history_["balance_tolerance"] == pytest.approx(float(np.sum(sizes * np.log(sizes * 3))))
@@ -111,6 +121,8 @@ def test_phase1_balance_tolerance_is_the_divergence_of_the_phase1_sizes():
     for bad in (-1.0, "phase2"):
         with pytest.raises(ValueError, match="balance_tolerance"):
             DCSS(3, balance_tolerance=bad)
+    with pytest.raises(ValueError, match="balance_prior"):
+        DCSS(3, balance_prior="even")
 
 
 @pytest.mark.slow

@@ -240,3 +240,19 @@ def test_balance_penalty_tolerance_is_a_hinge_on_the_divergence():
     with pytest.raises(ValueError, match="tolerance"):
         F.balance_penalty(q, tolerance=-0.1)
 
+
+
+def test_balance_penalty_with_a_size_prior_and_the_phase1_prior():
+    q = torch.softmax(torch.randn(12, 3, generator=torch.Generator().manual_seed(2)), 1)
+    prior = torch.tensor([0.5, 0.3, 0.2])
+    qbar = q.mean(0)
+    naive = sum(float(qbar[k] * math.log(qbar[k] / prior[k])) for k in range(3))
+    assert F.balance_penalty(q, prior=prior).item() == pytest.approx(naive)
+    assert F.balance_penalty(q, prior=torch.full((3,), 1 / 3)).item() == pytest.approx(F.balance_penalty(q).item())
+    assert F.balance_penalty(q, prior=qbar).item() == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="prior"):
+        F.balance_penalty(q, prior=torch.tensor([1.0, 0.0, 0.0]))
+    labels = torch.tensor([0] * 9 + [1])  # 90 % / 10 % / empty, floor 0.3 / 3 = 0.1 each, renormalised
+    prior = F.phase1_size_prior(labels, 3)
+    assert prior.tolist() == pytest.approx([0.9 / 1.1, 0.1 / 1.1, 0.1 / 1.1])
+    assert F.phase1_size_prior(torch.tensor([0, 1, 1, 1]), 2, floor=0.0).tolist() == pytest.approx([0.25, 0.75])
