@@ -459,18 +459,18 @@ class DCSS:
         ).to(dev)
         if resumed is not None and resumed.get("heads") is not None and start_phase == "phase2":
             heads.load_state_dict(resumed["heads"])
-        tolerance = 0.0
-        if cfg.balance_tolerance == "phase1" and "labels_after_phase1" in history:
-            sizes = np.bincount(np.asarray(history["labels_after_phase1"]), minlength=cfg.n_clusters) / n
-            tolerance = float(np.sum(sizes[sizes > 0] * np.log(sizes[sizes > 0] * cfg.n_clusters)))
-        elif cfg.balance_tolerance != "phase1":
-            tolerance = float(cfg.balance_tolerance)
-        history["balance_tolerance"] = tolerance
+        # label-free size prior and tolerance of the balance guard, from the Phase-1 partition (one formula:
+        # balance_penalty of the Phase-1 proportions is their KL to uniform)
+        labels1 = torch.as_tensor(np.asarray(history.get("labels_after_phase1", np.zeros(0, dtype=np.int64))))
+        tolerance = 0.0 if cfg.balance_tolerance == "phase1" else float(cfg.balance_tolerance)
         size_prior: Optional[Tensor] = None
-        if cfg.balance_prior == "phase1" and "labels_after_phase1" in history:
-            size_prior = phase1_size_prior(torch.as_tensor(np.asarray(history["labels_after_phase1"])),
-                                           cfg.n_clusters).to(dev)
-            history["balance_prior"] = size_prior.cpu().numpy()
+        if labels1.numel() > 0:
+            if cfg.balance_tolerance == "phase1":
+                tolerance = balance_penalty(phase1_size_prior(labels1, cfg.n_clusters, floor=0.0)[None].double()).item()
+            if cfg.balance_prior == "phase1":
+                size_prior = phase1_size_prior(labels1, cfg.n_clusters).to(dev)
+                history["balance_prior"] = size_prior.cpu().numpy()
+        history["balance_tolerance"] = tolerance
         criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
                                             exclude_self=cfg.exclude_self)
         opt = torch.optim.Adam([*_param_groups(ae, cfg.lr * cfg.phase2_encoder_lr_factor),
