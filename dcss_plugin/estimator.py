@@ -289,6 +289,8 @@ class DCSS:
             "phase1": _epochs(cfg.phase1_epochs, 80, steps, 2 * cfg.T1, 200),
             "phase2": _epochs(cfg.phase2_epochs, 1600, steps, cfg.T2 + 10, 500),
         }
+        # epochs of u-space targets in Phase 2: T2, or more so that they last at least T2_min_steps steps
+        u_stage = max(cfg.T2, min(math.ceil(cfg.T2_min_steps / steps), epochs["phase2"] // 2))
         ae = self._build_autoencoder(cfg, self.input_shape).to(dev)
         self.autoencoder = ae
         self.centers = ClusterCenters(cfg.n_clusters, cfg.latent_dim, m=cfg.m).to(dev)
@@ -298,7 +300,7 @@ class DCSS:
         history: Dict[str, Any] = {"epochs": epochs, "loss": {"pretrain": [], "phase1": [], "phase2": []},
                                    "time_s": {"pretrain": 0.0, "kmeans_init": 0.0, "phase1": 0.0, "phase2": 0.0},
                                    "time_per_epoch_s": {}, "device": str(dev), "n_samples": n,
-                                   "world_size": n_ranks,
+                                   "world_size": n_ranks, "u_stage_epochs": u_stage,
                                    "min_center_distance": [], "positive_pair_share": []}
         phase_order = ["pretrain", "phase1", "phase2"]
         start_phase, start_epoch = "pretrain", 0
@@ -463,14 +465,27 @@ class DCSS:
         # balance_penalty of the Phase-1 proportions is their KL to uniform)
         labels1 = torch.as_tensor(np.asarray(history.get("labels_after_phase1", np.zeros(0, dtype=np.int64))))
         tolerance = 0.0 if cfg.balance_tolerance == "phase1" else float(cfg.balance_tolerance)
-        size_prior: Optional[Tensor] = None
-        if labels1.numel() > 0:
-            if cfg.balance_tolerance == "phase1":
-                tolerance = balance_penalty(phase1_size_prior(labels1, cfg.n_clusters, floor=0.0)[None].double()).item()
-            if cfg.balance_prior == "phase1":
-                size_prior = phase1_size_prior(labels1, cfg.n_clusters).to(dev)
-                history["balance_prior"] = size_prior.cpu().numpy()
+        if labels1.numel() > 0 and cfg.balance_tolerance == "phase1":
+            # max(0, .): exactly even Phase-1 sizes give a KL of -1e-9 in floating point
+            tolerance = max(0.0, balance_penalty(phase1_size_prior(labels1, cfg.n_clusters, floor=0.0)[None].double()).item())
         history["balance_tolerance"] = tolerance
+        size_prior: Optional[Tensor] = None  # (num_heads, K); None: uniform
+        if cfg.balance_prior == "phase1" and "balance_prior" in history:  # resumed after the switch to q q^T
+            size_prior = torch.as_tensor(np.asarray(history["balance_prior"])).float().to(dev)
+
+        @torch.no_grad()
+        def head_size_prior() -> Tensor:
+            """Each head's cluster proportions on all of ``X`` (eval mode), at least 0.3/K each: (num_heads, K).
+
+            Taken when the targets switch to ``q q^T``: the head has then learned the Phase-1 memberships, so these
+            are the Phase-1 partition's sizes with the head's own cluster indices (a head's cluster k is not center
+            k: the pairwise targets do not fix the order)."""
+            u_now = encode_all(xn)
+            broadcast_buffers(heads)
+            heads.eval()
+            return torch.stack([phase1_size_prior(head(u_now).argmax(1).cpu(), cfg.n_clusters)
+                                for head in heads]).to(dev)
+
         criterion2 = PairwiseSimilarityLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction,
                                             exclude_self=cfg.exclude_self)
         opt = torch.optim.Adam([*_param_groups(ae, cfg.lr * cfg.phase2_encoder_lr_factor),
@@ -480,7 +495,10 @@ class DCSS:
         two_views = cfg.augment or knn is not None
         for epoch in range(first, epochs["phase2"]):
             t0 = time.perf_counter()
-            q_space = epoch >= cfg.T2
+            q_space = epoch >= u_stage
+            if cfg.balance_prior == "phase1" and q_space and size_prior is None:
+                size_prior = head_size_prior()  # the q-space stage keeps the sizes reached on the u-space targets
+                history["balance_prior"] = size_prior.cpu().numpy()
             if knn is not None and cfg.neighbor_refresh > 0 and epoch > 0 and epoch % cfg.neighbor_refresh == 0:
                 knn = mine_neighbors(encode_all(xn))
             ae.train()
@@ -516,7 +534,8 @@ class DCSS:
                     if two_views:  # known positives: two views of a sample, or a sample and a u-space neighbour
                         loss_h = loss_h + known_positive_loss(q[:bl], q[bl:], cfg.positive_loss) * share
                     if cfg.balance_weight > 0:
-                        loss_h = loss_h + cfg.balance_weight * balance_penalty(q_all, tolerance, size_prior)
+                        prior_h = size_prior[h] if size_prior is not None else None
+                        loss_h = loss_h + cfg.balance_weight * balance_penalty(q_all, tolerance, prior_h)
                     head_losses[h] += loss_h.item() * b
                     loss = loss + loss_h
                 opt.zero_grad(set_to_none=True)

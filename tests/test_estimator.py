@@ -109,9 +109,15 @@ def test_phase1_size_prior_and_tolerance_come_from_the_phase1_partition():
     x, y = blobs(n_per=30, k=3, seed=3)
     x = x[np.sort(np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:15], np.flatnonzero(y == 2)[:6]]))]
     model = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), balance_tolerance="phase1", balance_prior="phase1",
-                 **FAST).fit(x)
+                 **{**FAST, "phase2_epochs": 80}).fit(x)  # 40 epochs of u-space targets
     labels1 = torch.as_tensor(model.history_["labels_after_phase1"])
-    np.testing.assert_allclose(model.history_["balance_prior"], phase1_size_prior(labels1, 3).numpy())
+    # the prior is measured on the head when the targets switch to q q^T (its cluster indices, not the centers'):
+    # the Phase-1 sizes, up to order, once the head has learned the Phase-1 memberships
+    prior = model.history_["balance_prior"]
+    assert prior.shape == (1, 3) and prior.sum() == pytest.approx(1.0, abs=1e-5) and prior.min() > 0.09
+    np.testing.assert_allclose(np.sort(prior[0]), np.sort(phase1_size_prior(labels1, 3).numpy()), atol=0.05)
+    final = np.bincount(model.labels_, minlength=3) / len(x)
+    np.testing.assert_allclose(prior[0], final, atol=0.1)  # in the head's own order: its clusters keep these sizes
     sizes = np.bincount(model.history_["labels_after_phase1"], minlength=3) / len(x)
     sizes = sizes[sizes > 0]
     assert model.history_["balance_tolerance"] == pytest.approx(float(np.sum(sizes * np.log(sizes * 3))))
@@ -123,6 +129,19 @@ def test_phase1_size_prior_and_tolerance_come_from_the_phase1_partition():
             DCSS(3, balance_tolerance=bad)
     with pytest.raises(ValueError, match="balance_prior"):
         DCSS(3, balance_prior="even")
+
+
+def test_u_space_stage_lasts_at_least_T2_min_steps():
+    x, _ = blobs(n_per=20, k=3, seed=4)  # 60 rows: one step per epoch at batch 32 -> 2 steps
+    common = dict(mlp_hidden_dims=(16, 16), pretrain_epochs=2, phase1_epochs=2, batch_size=32, verbose=False)
+    model = DCSS(3, seed=0, phase2_epochs=40, T2_min_steps=30, **common).fit(x)
+    assert model.history_["u_stage_epochs"] == 15  # ceil(30 / 2 steps per epoch) > T2 = 5
+    capped = DCSS(3, seed=0, phase2_epochs=12, T2_min_steps=30, **common).fit(x)
+    assert capped.history_["u_stage_epochs"] == 6  # at most half of Phase 2
+    paper = DCSS(3, preset="paper", seed=0, phase2_epochs=12, **common).fit(x)
+    assert paper.history_["u_stage_epochs"] == 5 and paper.config.T2_min_steps == 0  # exactly T2 epochs
+    with pytest.raises(ValueError, match="T2_min_steps"):
+        DCSS(3, T2_min_steps=-1)
 
 
 @pytest.mark.slow
