@@ -143,7 +143,7 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
     xv = x.unsqueeze(1) if x.dim() == 3 else x
     overrides: Dict[str, Any] = {}
     for key in ("pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "m", "zeta", "gamma", "lam",
-                "T1", "T2", "latent_dim", "lr"):
+                "T1", "T2", "T2_min_steps", "latent_dim", "lr"):
         val = getattr(args, key, None)
         if val is not None:
             overrides[key] = val
@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-html", action="store_true", help="skip the HTML report with pictures")
     fit.add_argument("--resume", action="store_true",
                      help="continue an interrupted run in --out from its last completed epoch (same arguments)")
-    for name in ("pretrain-epochs", "phase1-epochs", "phase2-epochs", "batch-size", "T1", "T2", "latent-dim"):
+    for name in ("pretrain-epochs", "phase1-epochs", "phase2-epochs", "batch-size", "T1", "T2", "T2-min-steps",
+                 "latent-dim"):
         fit.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
     for name in ("m", "zeta", "gamma", "lam", "lr"):
         fit.add_argument(f"--{name}", type=float)

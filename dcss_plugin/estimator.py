@@ -467,7 +467,8 @@ class DCSS:
         tolerance = 0.0 if cfg.balance_tolerance == "phase1" else float(cfg.balance_tolerance)
         if labels1.numel() > 0 and cfg.balance_tolerance == "phase1":
             # max(0, .): exactly even Phase-1 sizes give a KL of -1e-9 in floating point
-            tolerance = max(0.0, balance_penalty(phase1_size_prior(labels1, cfg.n_clusters, floor=0.0)[None].double()).item())
+            sizes1 = phase1_size_prior(labels1, cfg.n_clusters, floor=0.0)[None].double()
+            tolerance = max(0.0, balance_penalty(sizes1).item())
         history["balance_tolerance"] = tolerance
         size_prior: Optional[Tensor] = None  # (num_heads, K); None: uniform
         if cfg.balance_prior == "phase1" and "balance_prior" in history:  # resumed after the switch to q q^T

@@ -28,13 +28,14 @@ def test_fit_on_files_writes_the_contract(tmp_path, capsys):
     np.save(tmp_path / "y.npy", y)
     out = tmp_path / "run"
     rc = main(["fit", "--data", str(tmp_path / "X.npy"), "--labels", str(tmp_path / "y.npy"), "--clusters", "3",
-               "--seed", "0", "--out", str(out), *FAST])
+               "--seed", "0", "--out", str(out), "--T2-min-steps", "50", *FAST])
     assert rc == 0
     labels = np.load(out / "labels.npy", allow_pickle=False)
     assert labels.dtype == np.int64 and labels.shape == (len(x),)
     assert labels.min() >= 0 and labels.max() < 3
     report = json.loads((out / "report.json").read_text())
     assert report["seed"] == 0 and report["config"]["n_clusters"] == 3
+    assert report["config"]["T2_min_steps"] == 50 and report["config"]["balance_tolerance"] == "phase1"
     assert set(report["metrics"]) == {"acc", "nmi", "ari"}
     assert set(report["kmeans_baseline"]) == {"acc", "nmi", "ari"}
     for phase in ("pretrain", "phase1", "phase2"):
