@@ -156,7 +156,8 @@ class DCSSConfig:
         """A copy with every preset-dependent ``None`` filled in.
 
         ``images``: whether the samples are images (N, C, H, W); the default preset's NT-Xent pretraining term is
-        on for images and off for vectors, and its balance tolerance is 0 for images, the Phase-1 sizes' KL for vectors.
+        on for images and off for vectors, and its balance tolerance is 0 for images, the Phase-1 sizes' KL for
+        vectors.
         """
         paper = self.preset == "paper"
         defaults: Dict[str, Any] = {
