@@ -461,8 +461,8 @@ class DCSS:
         ).to(dev)
         if resumed is not None and resumed.get("heads") is not None and start_phase == "phase2":
             heads.load_state_dict(resumed["heads"])
-        # label-free size prior and tolerance of the balance guard, from the Phase-1 partition (one formula:
-        # balance_penalty of the Phase-1 proportions is their KL to uniform)
+        # label-free tolerance of the balance guard: the Phase-1 partition's KL to uniform (balance_penalty of its
+        # proportions); the "phase1" size prior is taken from the head itself at the switch to q q^T (below)
         labels1 = torch.as_tensor(np.asarray(history.get("labels_after_phase1", np.zeros(0, dtype=np.int64))))
         tolerance = 0.0 if cfg.balance_tolerance == "phase1" else float(cfg.balance_tolerance)
         if labels1.numel() > 0 and cfg.balance_tolerance == "phase1":
