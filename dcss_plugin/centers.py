@@ -58,18 +58,32 @@ class ClusterCenters(nn.Module):
         return F.fuzzy_memberships(u, self.centers.detach(), self.m)
 
     @torch.no_grad()
-    def init_kmeans(self, u: Tensor | np.ndarray, seed: int = 0, n_init: int = 10) -> None:
-        """Set the centers to scikit-learn k-means centroids of ``u`` (N, d); rank 0 computes, all ranks get them."""
+    def init_kmeans(self, u: Tensor | np.ndarray, seed: int = 0, n_init: int = 10, metric: str = "euclidean") -> None:
+        """Set the centers from scikit-learn k-means on ``u`` (N, d); rank 0 computes, all ranks get them.
+
+        ``metric="euclidean"``: the k-means centroids of ``u``. ``metric="cosine"``: k-means on the directions
+        ``u / ||u||`` (spherical k-means), each center then the mean of its cluster's ``u`` (so it lives in the same
+        space as ``u``). Use ``"cosine"`` when ``u`` was trained with a cosine-similarity loss (NT-Xent): that loss
+        shapes only the directions, and the norms (+-15 % on digits) blur Euclidean k-means.
+        """
         from sklearn.cluster import KMeans
 
+        if metric not in ("euclidean", "cosine"):
+            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}.")
         u_np = u.detach().cpu().double().numpy() if isinstance(u, Tensor) else np.asarray(u, dtype=np.float64)
         if u_np.ndim != 2 or u_np.shape[1] != self.dim:
             raise ValueError(f"u must be (N, {self.dim}) to initialise the centers, got {u_np.shape}.")
         if u_np.shape[0] < self.num_clusters:
             raise ValueError(f"k-means needs at least K={self.num_clusters} samples, got {u_np.shape[0]}.")
         if not _distributed() or dist.get_rank() == 0:
-            km = KMeans(n_clusters=self.num_clusters, n_init=n_init, random_state=seed).fit(u_np)
-            self.centers.copy_(torch.as_tensor(km.cluster_centers_, dtype=self.centers.dtype))
+            if metric == "cosine":
+                directions = u_np / np.maximum(np.linalg.norm(u_np, axis=1, keepdims=True), 1e-12)
+                labels = KMeans(n_clusters=self.num_clusters, n_init=n_init, random_state=seed).fit_predict(directions)
+                # every k-means cluster is non-empty, so each mean is defined
+                centers = np.stack([u_np[labels == k].mean(0) for k in range(self.num_clusters)])
+            else:
+                centers = KMeans(n_clusters=self.num_clusters, n_init=n_init, random_state=seed).fit(u_np).cluster_centers_
+            self.centers.copy_(torch.as_tensor(centers, dtype=self.centers.dtype))
         if _distributed():
             dist.broadcast(self.centers, src=0)
 

@@ -143,7 +143,7 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
     xv = x.unsqueeze(1) if x.dim() == 3 else x
     overrides: Dict[str, Any] = {}
     for key in ("pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "m", "zeta", "gamma", "lam",
-                "T1", "T2", "T2_min_steps", "latent_dim", "lr"):
+                "T1", "T2", "T2_min_steps", "latent_dim", "lr", "kmeans_init"):
         val = getattr(args, key, None)
         if val is not None:
             overrides[key] = val
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         fit.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
     for name in ("m", "zeta", "gamma", "lam", "lr"):
         fit.add_argument(f"--{name}", type=float)
+    fit.add_argument("--kmeans-init", choices=["euclidean", "cosine"],
+                     help="k-means on u or on u/||u|| to start Phase 1 (default: cosine after NT-Xent pretraining)")
     bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")
     bb.add_argument("--backbone", metavar="timm:NAME",
                     help="encode images with a timm model, e.g. timm:resnet18 (names: timm.list_models())")

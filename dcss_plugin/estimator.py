@@ -412,7 +412,7 @@ class DCSS:
             # ---- k-means initialisation of the centers
             t0 = time.perf_counter()
             u_all = encode_all(xn)
-            self.centers.init_kmeans(u_all, seed=cfg.seed)  # rank 0 computes, every rank receives
+            self.centers.init_kmeans(u_all, seed=cfg.seed, metric=cfg.kmeans_init)  # rank 0 computes, all receive
             history["labels_after_pretrain"] = self.centers(u_all).argmax(1).cpu().numpy()
             history["time_s"]["kmeans_init"] = time.perf_counter() - t0
             start_phase, start_epoch = "phase1", 0

@@ -131,6 +131,29 @@ def test_phase1_size_prior_and_tolerance_come_from_the_phase1_partition():
         DCSS(3, balance_prior="even")
 
 
+def test_kmeans_init_is_cosine_after_ntxent_pretraining(monkeypatch):
+    from dcss_plugin import ClusterCenters, DCSSConfig
+
+    assert DCSSConfig().resolved(images=True).kmeans_init == "cosine"  # NT-Xent on u in pretraining
+    assert DCSSConfig().resolved(images=False).kmeans_init == "euclidean"
+    assert DCSSConfig(contrastive_weight=0.0).resolved(images=True).kmeans_init == "euclidean"
+    assert DCSSConfig(preset="paper").resolved(images=True).kmeans_init == "euclidean"
+    assert DCSSConfig(kmeans_init="cosine").resolved(images=False).kmeans_init == "cosine"
+    with pytest.raises(ValueError, match="kmeans_init"):
+        DCSSConfig(kmeans_init="spherical")
+    seen = []
+    original = ClusterCenters.init_kmeans
+
+    def spy(self, u, seed=0, n_init=10, metric="euclidean"):
+        seen.append(metric)
+        return original(self, u, seed=seed, n_init=n_init, metric=metric)
+
+    monkeypatch.setattr(ClusterCenters, "init_kmeans", spy)
+    images = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    DCSS(2, seed=0, pretrain_epochs=1, phase1_epochs=2, phase2_epochs=11, verbose=False).fit(images)
+    assert seen == ["cosine"]
+
+
 def test_u_space_stage_lasts_at_least_T2_min_steps():
     x, _ = blobs(n_per=20, k=3, seed=4)  # 60 rows: one step per epoch at batch 32 -> 2 steps
     common = dict(mlp_hidden_dims=(16, 16), pretrain_epochs=2, phase1_epochs=2, batch_size=32, verbose=False)

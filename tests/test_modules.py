@@ -21,6 +21,28 @@ def test_cluster_centers_kmeans_init_matches_sklearn():
     np.testing.assert_allclose(cc.centers.numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_cluster_centers_cosine_init_finds_rays_and_uses_their_means():
+    """Three rays 0.6 rad apart, norms 1 to 12: spherical k-means finds the rays, Euclidean k-means cuts across."""
+    g = torch.Generator().manual_seed(0)
+    angles = torch.tensor([0.0, 0.6, 1.2]).repeat_interleave(60) + 0.05 * torch.randn(180, generator=g)
+    norms = 1 + 11 * torch.rand(180, generator=g)
+    u = torch.stack([angles.cos(), angles.sin()], 1) * norms[:, None]
+    truth = np.repeat(np.arange(3), 60)
+    ray_means = torch.stack([u[torch.as_tensor(truth == k)].mean(0) for k in range(3)])
+    cos, euc = ClusterCenters(3, 2), ClusterCenters(3, 2)
+    cos.init_kmeans(u, seed=0, metric="cosine")
+    euc.init_kmeans(u, seed=0)
+
+    def matched_error(centers: torch.Tensor) -> float:  # largest distance to the ray means, best matching
+        d = torch.cdist(centers, ray_means)
+        return min(max(float(d[i, j]) for i, j in enumerate(perm)) for perm in itertools.permutations(range(3)))
+
+    assert matched_error(cos.centers) < 1e-4  # spherical k-means found the rays; centers are their means of u
+    assert matched_error(euc.centers) > 1.0  # Euclidean k-means cut across them
+    with pytest.raises(ValueError, match="metric"):
+        cos.init_kmeans(u, metric="manhattan")
+
+
 def test_cluster_centers_update_over_chunks_equals_weighted_mean():
     g = torch.Generator().manual_seed(1)
     u = torch.randn(40, 3, generator=g)
