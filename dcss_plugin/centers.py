@@ -76,13 +76,14 @@ class ClusterCenters(nn.Module):
         if u_np.shape[0] < self.num_clusters:
             raise ValueError(f"k-means needs at least K={self.num_clusters} samples, got {u_np.shape[0]}.")
         if not _distributed() or dist.get_rank() == 0:
-            if metric == "cosine":
-                directions = u_np / np.maximum(np.linalg.norm(u_np, axis=1, keepdims=True), 1e-12)
-                labels = KMeans(n_clusters=self.num_clusters, n_init=n_init, random_state=seed).fit_predict(directions)
-                # every k-means cluster is non-empty, so each mean is defined
+            from sklearn.preprocessing import normalize
+
+            km = KMeans(n_clusters=self.num_clusters, n_init=n_init, random_state=seed)
+            if metric == "cosine":  # k-means on the unit rows; every cluster is non-empty, so each mean is defined
+                labels = km.fit_predict(normalize(u_np))
                 centers = np.stack([u_np[labels == k].mean(0) for k in range(self.num_clusters)])
             else:
-                centers = KMeans(n_clusters=self.num_clusters, n_init=n_init, random_state=seed).fit(u_np).cluster_centers_
+                centers = km.fit(u_np).cluster_centers_
             self.centers.copy_(torch.as_tensor(centers, dtype=self.centers.dtype))
         if _distributed():
             dist.broadcast(self.centers, src=0)
