@@ -23,6 +23,7 @@ __all__ = [
     "centering_loss",
     "pairwise_similarity_loss",
     "pairwise_similarity",
+    "pairwise_similarity_weights",
     "view_contrastive_loss",
     "balance_penalty",
     "phase1_size_prior",
@@ -220,25 +221,67 @@ def pairwise_similarity_loss(
     if s.shape != (n, n):
         raise ValueError(f"s must be (B, B) = {(n, n)} for q of shape {tuple(q.shape)}, got {tuple(s.shape)}.")
     s = s.detach()
-    sim = pairwise_similarity(q)
+    if reduction == "none":
+        sim = pairwise_similarity(q)
+        pos, neg = _pair_selection(s, zeta, gamma, exclude_self)
+        return torch.where(pos, 1.0 - sim, torch.zeros_like(sim)) + torch.where(neg, sim, torch.zeros_like(sim))
+    weights, offset = pairwise_similarity_weights(s, zeta, gamma, reduction, exclude_self, dtype=q.dtype)
+    # sum_ij w_ij q_i . q_j = sum(q * (w q)): one (B, B) x (B, K) product, no (B, B) tensor in the autograd graph
+    return offset - (q * (weights @ q)).sum()
+
+
+def _pair_selection(s: Tensor, zeta: float, gamma: float, exclude_self: bool) -> Tuple[Tensor, Tensor]:
+    """Boolean (B, B) masks of the pulled (``s > zeta``) and pushed (``s < gamma``) pairs."""
     pos = s > zeta
     neg = s < gamma
     if exclude_self:
-        eye = torch.eye(n, dtype=torch.bool, device=q.device)
-        pos = pos & ~eye
-        neg = neg & ~eye
-    pull = torch.where(pos, 1.0 - sim, torch.zeros_like(sim))
-    push = torch.where(neg, sim, torch.zeros_like(sim))
-    if reduction == "balanced":
-        return pull.sum() / pos.sum().clamp_min(1).to(sim.dtype) + push.sum() / neg.sum().clamp_min(1).to(sim.dtype)
-    terms = pull + push
-    if reduction == "none":
-        return terms
-    total = terms.sum()
+        pos.fill_diagonal_(False)
+        neg.fill_diagonal_(False)
+    return pos, neg
+
+
+@torch.no_grad()
+def pairwise_similarity_weights(
+    s: Tensor,
+    zeta: float = 0.8,
+    gamma: float = 0.2,
+    reduction: str = "mean",
+    exclude_self: bool = False,
+    dtype: Optional[torch.dtype] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The pairwise loss as a linear function of ``q q^T``: ``L = offset - sum_ij w_ij q_i . q_j``.
+
+    Pulled pairs get weight ``+1`` and pushed pairs ``-1`` (``"sum"``), both divided by the number of selected pairs
+    (``"mean"``), or each by its own count (``"balanced"``); ``offset`` is the pulled pairs' total weight. The
+    weights depend only on the targets ``s``, so heads trained on the same targets can share them.
+
+    Args:
+        s: (B, B) target similarities.
+        zeta, gamma, reduction, exclude_self: as in :func:`pairwise_similarity_loss` (``reduction`` not ``"none"``).
+        dtype: dtype of the weights (that of ``q``); ``s.dtype`` by default.
+
+    Returns:
+        ``(weights, offset)``: (B, B) and a scalar tensor.
+
+    Example:
+        >>> q = torch.softmax(torch.randn(6, 3), 1)
+        >>> w, c = pairwise_similarity_weights((q @ q.t()).detach())
+        >>> loss = c - (q * (w @ q)).sum()
+    """
+    if reduction not in _PAIR_REDUCTIONS or reduction == "none":
+        raise ValueError(f"reduction must be one of {tuple(r for r in _PAIR_REDUCTIONS if r != 'none')}, "
+                         f"got {reduction!r}.")
+    dtype = dtype or s.dtype
+    pos, neg = _pair_selection(s, zeta, gamma, exclude_self)
+    n_pos, n_neg = pos.sum().to(dtype), neg.sum().to(dtype)
     if reduction == "sum":
-        return total
-    count = (pos | neg).sum()
-    return total / count.clamp_min(1).to(total.dtype)
+        w_pos, w_neg = torch.ones((), dtype=dtype, device=s.device), torch.ones((), dtype=dtype, device=s.device)
+    elif reduction == "mean":
+        w_pos = w_neg = 1.0 / (n_pos + n_neg).clamp_min(1)
+    else:  # balanced
+        w_pos, w_neg = 1.0 / n_pos.clamp_min(1), 1.0 / n_neg.clamp_min(1)
+    weights = pos.to(dtype) * w_pos - neg.to(dtype) * w_neg
+    return weights, n_pos * w_pos
 
 
 def view_contrastive_loss(u_a: Tensor, u_b: Tensor, temperature: float = 0.5) -> Tensor:

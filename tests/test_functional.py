@@ -148,6 +148,32 @@ def test_pairwise_loss_selection_matches_naive(exclude_self):
     assert got_mean.item() == pytest.approx(total / count, rel=1e-10)
 
 
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "balanced"])
+def test_pairwise_loss_and_gradient_match_elementwise_reference(reduction, exclude_self):
+    """The matmul form (``offset - sum(q * (w q))``) against the per-pair terms built elementwise, value and gradient,
+    on a non-symmetric ``s`` (the weights need not be symmetric)."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(16, 5, generator=g, requires_grad=True)
+    s = torch.rand(16, 16, generator=g)
+    q = torch.softmax(z, 1)
+    sim = q @ q.t()
+    pos, neg = s > 0.7, s < 0.3
+    if exclude_self:
+        pos, neg = pos & ~torch.eye(16, dtype=torch.bool), neg & ~torch.eye(16, dtype=torch.bool)
+    pull, push = ((1 - sim) * pos).sum(), (sim * neg).sum()
+    ref = {"sum": pull + push, "mean": (pull + push) / (pos.sum() + neg.sum()),
+           "balanced": pull / pos.sum() + push / neg.sum()}[reduction]
+    (g_ref,) = torch.autograd.grad(ref, z)
+    got = F.pairwise_similarity_loss(torch.softmax(z, 1), s, 0.7, 0.3, reduction, exclude_self=exclude_self)
+    (g_got,) = torch.autograd.grad(got, z)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(g_got, g_ref)
+    none = F.pairwise_similarity_loss(q, s, 0.7, 0.3, "none", exclude_self=exclude_self)
+    torch.testing.assert_close(none.sum(), pull + push)
+    assert not bool(none.detach()[~(pos | neg)].any())
+
+
 def test_pairwise_loss_gradient_only_through_q():
     q_logits = torch.randn(6, 3, requires_grad=True)
     q = torch.softmax(q_logits, 1)
