@@ -93,7 +93,8 @@ class DCSSConfig:
         positive_loss: pull term on known positive pairs: ``"log"`` (``-log q_a.q_b``) or ``"linear"``.
         phase2_encoder_lr_factor: encoder learning rate in Phase 2, relative to ``lr``.
         neighbor_refresh: re-mine the u-space neighbours every this many Phase-2 epochs (0: mine once).
-        num_heads: MNet heads trained side by side in Phase 2; the one with the lowest loss is kept (label-free).
+        num_heads: MNet heads trained side by side in Phase 2 on the shared encoder; the one with the lowest loss
+            over the last epoch is kept (label-free). Default preset: 3 for images, 1 for vectors; paper: 1.
         contrastive_weight: weight of an NT-Xent term between two views' ``u`` in pretraining (0: off; default
             preset: 1 for images, 0 for vectors).
         kmeans_init: ``"euclidean"`` (k-means on ``u``) or ``"cosine"`` (k-means on ``u / ||u||``, centers = the
@@ -131,7 +132,7 @@ class DCSSConfig:
     pair_reduction: Optional[str] = None
     positive_loss: str = "log"
     neighbor_refresh: Optional[int] = None
-    num_heads: int = 1
+    num_heads: Optional[int] = None
     contrastive_weight: Optional[float] = None
     kmeans_init: Optional[str] = None
     conv_channels: Tuple[int, ...] = (32, 64, 128)
@@ -153,6 +154,8 @@ class DCSSConfig:
             raise ValueError(f"batch_size must be at least 2 (pairs are formed within a batch), got {self.batch_size}.")
         if self.balance_prior not in (None, "uniform", "phase1"):
             raise ValueError(f"balance_prior must be 'uniform' or 'phase1', got {self.balance_prior!r}.")
+        if self.num_heads is not None and int(self.num_heads) < 1:
+            raise ValueError(f"num_heads must be at least 1, got {self.num_heads}.")
         if self.kmeans_init not in (None, "euclidean", "cosine"):
             raise ValueError(f"kmeans_init must be 'euclidean' or 'cosine', got {self.kmeans_init!r}.")
         tol = self.balance_tolerance
@@ -187,6 +190,7 @@ class DCSSConfig:
             "contrastive_weight": 0.0 if (paper or not images) else 1.0,
             "neighbor_refresh": 0 if paper else 50,
             "phase2_encoder_lr_factor": 1.0 if paper else 0.1,
+            "num_heads": 1 if (paper or not images) else 3,
         }
         values = asdict(self)
         for key, value in defaults.items():

@@ -220,7 +220,7 @@ def plot_loss_curves(records: Sequence[Mapping[str, Any]], path: Optional[PathLi
 # --------------------------------------------------------------------------------------------------- 2-D maps
 
 
-def embed_2d(features: ArrayLike, seed: int = 0, max_points: int = 1500, max_iter: int = 500,
+def embed_2d(features: ArrayLike, seed: int = 0, max_points: int = 1000, max_iter: int = 500,
              ) -> Tuple[np.ndarray, np.ndarray]:
     """2-D coordinates of (a seeded subsample of) ``features``: t-SNE, or the features themselves if ``d <= 2``.
 
@@ -274,7 +274,7 @@ def _single_thread() -> Any:
 
 
 def plot_embedding(features: ArrayLike, labels: ArrayLike, *, title: str = "t-SNE of the embeddings",
-                   n_clusters: Optional[int] = None, seed: int = 0, max_points: int = 1500,
+                   n_clusters: Optional[int] = None, seed: int = 0, max_points: int = 1000,
                    coords: Optional[np.ndarray] = None, path: Optional[PathLike] = None) -> bytes:
     """A 2-D map (t-SNE, or the raw axes if ``d == 2``) of ``features`` coloured by predicted cluster.
 

@@ -162,7 +162,7 @@ def _try_figure(key: str, title: str, caption: str, draw: Callable[[], bytes]) -
     return ReportFigure(key=key, title=title, caption=caption, png=png)
 
 
-def make_figures(run: RunData, max_points: int = 1500) -> List[ReportFigure]:
+def make_figures(run: RunData, max_points: int = 1000) -> List[ReportFigure]:
     """All pictures that ``run`` has the data for, in report order.
 
     ``max_points`` caps the points embedded by t-SNE (the slowest step).
@@ -377,7 +377,7 @@ def render_html(run: RunData, figures: Sequence[ReportFigure]) -> str:
     )
 
 
-def write_report(run_dir: PathLike, out: Optional[PathLike] = None, max_points: int = 1500) -> str:
+def write_report(run_dir: PathLike, out: Optional[PathLike] = None, max_points: int = 1000) -> str:
     """Write ``report.html`` (or ``out``) for a ``dcss fit`` run directory, atomically, and return its path.
 
     Raises :class:`FileNotFoundError` if ``run_dir`` has no ``report.json`` and :class:`ValueError` if it is not

@@ -154,6 +154,25 @@ def test_kmeans_init_is_cosine_after_ntxent_pretraining(monkeypatch):
     assert seen == ["cosine"]
 
 
+def test_three_heads_for_images_and_the_lowest_loss_head_is_kept():
+    from dcss_plugin import DCSSConfig
+
+    assert DCSSConfig().resolved(images=True).num_heads == 3
+    assert DCSSConfig().resolved(images=False).num_heads == 1
+    assert DCSSConfig(preset="paper").resolved(images=True).num_heads == 1
+    assert DCSSConfig(num_heads=2).resolved(images=False).num_heads == 2
+    with pytest.raises(ValueError, match="num_heads"):
+        DCSSConfig(num_heads=0)
+    images = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model = DCSS(2, seed=0, pretrain_epochs=1, phase1_epochs=2, phase2_epochs=6, verbose=False).fit(images)
+    losses = model.history_["head_losses_last_epoch"]
+    assert model.config.num_heads == 3 and len(losses) == 3 and len(set(losses)) == 3  # three distinct heads
+    assert model.history_["selected_head"] == int(np.argmin(losses))
+    with torch.no_grad():
+        u = model.transform(images)
+    assert torch.equal(model.head.eval()(torch.as_tensor(u)).argmax(1), torch.as_tensor(model.labels_))
+
+
 def test_u_space_stage_lasts_at_least_T2_min_steps():
     x, _ = blobs(n_per=20, k=3, seed=4)  # 60 rows: one step per epoch at batch 32 -> 2 steps
     common = dict(mlp_hidden_dims=(16, 16), pretrain_epochs=2, phase1_epochs=2, batch_size=32, verbose=False)

@@ -44,6 +44,35 @@ def test_resume_in_process_matches_uninterrupted(tmp_path, stop_at):
     np.testing.assert_array_equal(resumed.predict_proba(x), ref.predict_proba(x))
 
 
+def test_progress_saves_are_rate_limited_and_resume_still_matches(tmp_path, monkeypatch):
+    import dcss_plugin.estimator as est
+
+    saved = []
+    original = est.atomic_torch_save
+
+    def spy(state, path):
+        saved.append((state["phase"], state["epoch"]))
+        return original(state, path)
+
+    monkeypatch.setattr(est, "atomic_torch_save", spy)
+    x = data()
+    every = DCSS(3, seed=0, **KW).fit(x, checkpoint_path=tmp_path / "a.pt", checkpoint_every_s=0)
+    assert len(saved) == 4 + 4 + 8 + 2  # every epoch, and the starts of Phase 1 and Phase 2
+    saved.clear()
+
+    def interrupt(phase, epoch, stats):
+        if (phase, epoch) == ("phase2", 6):
+            raise Stop
+
+    with pytest.raises(Stop):
+        DCSS(3, seed=0, **KW).fit(x, callback=interrupt, checkpoint_path=tmp_path / "b.pt", checkpoint_every_s=1e9)
+    assert saved == [("pretrain", 1), ("phase1", 0), ("phase2", 0)]  # first epoch and the phase starts only
+    resumed = DCSS(3, seed=0, **KW).fit(x, checkpoint_path=tmp_path / "b.pt", resume=True)  # replays phase 2
+    np.testing.assert_array_equal(resumed.predict_proba(x), every.predict_proba(x))
+    with pytest.raises(ValueError, match="checkpoint_every_s"):
+        DCSS(3, seed=0, **KW).fit(x, checkpoint_path=tmp_path / "c.pt", checkpoint_every_s=-1)
+
+
 def test_resume_rejects_other_config_other_data_and_corrupt_file(tmp_path):
     x = data()
     ckpt = tmp_path / "progress.pt"
