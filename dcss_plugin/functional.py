@@ -225,6 +225,8 @@ def pairwise_similarity_loss(
         sim = pairwise_similarity(q)
         pos, neg = _pair_selection(s, zeta, gamma, exclude_self)
         return torch.where(pos, 1.0 - sim, torch.zeros_like(sim)) + torch.where(neg, sim, torch.zeros_like(sim))
+    # at least float32: pair counts above 65504 overflow float16
+    q = q.to(torch.promote_types(q.dtype, torch.float32))
     weights, offset = pairwise_similarity_weights(s, zeta, gamma, reduction, exclude_self, dtype=q.dtype)
     # sum_ij w_ij q_i . q_j = sum(q * (w q)): one (B, B) x (B, K) product, no (B, B) tensor in the autograd graph
     return offset - (q * (weights @ q)).sum()

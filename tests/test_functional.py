@@ -174,6 +174,17 @@ def test_pairwise_loss_and_gradient_match_elementwise_reference(reduction, exclu
     assert not bool(none.detach()[~(pos | neg)].any())
 
 
+def test_pairwise_loss_half_precision_counts_do_not_overflow():
+    """400 x 400 = 160000 pairs: more than float16 can count (65504); the loss is computed in float32."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.softmax(3 * torch.randn(400, 4, generator=g), 1)
+    s = q @ q.t()
+    ref = F.pairwise_similarity_loss(q.float(), s.float(), reduction="balanced")
+    got = F.pairwise_similarity_loss(q.half(), s.half(), reduction="balanced")
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert abs(got.item() - ref.item()) < 1e-2
+
+
 def test_pairwise_loss_gradient_only_through_q():
     q_logits = torch.randn(6, 3, requires_grad=True)
     q = torch.softmax(q_logits, 1)
