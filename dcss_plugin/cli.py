@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.add_argument("--no-html", action="store_true", help="skip the HTML report with pictures")
     fit.add_argument("--resume", action="store_true",
-                     help="continue an interrupted run in --out from its last completed epoch (same arguments)")
+                     help="continue an interrupted run in --out from its last saved epoch (saved about every 10 s and "
+                          "at each phase start; same arguments)")
     for name in ("pretrain-epochs", "phase1-epochs", "phase2-epochs", "batch-size", "T1", "T2", "T2-min-steps",
                  "latent-dim"):
         fit.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
