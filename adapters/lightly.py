@@ -454,6 +454,9 @@ def fit_lightly(x: Any, n_clusters: int, ssl: str = "simclr", *, temperature: fl
     if dcss_kwargs.get("phase1_epochs") not in (None, 0):
         raise ValueError("The SimCLR recipe has no Phase 1 (no decoder); leave phase1_epochs unset.")
     dcss_kwargs["phase1_epochs"] = 0
+    if dcss_kwargs.get("num_heads") not in (None, 1):
+        raise ValueError("The SimCLR recipe trains one cluster head; leave num_heads unset (or 1).")
+    dcss_kwargs["num_heads"] = 1  # recorded in the saved config as what was trained (the image default is 3)
     cfg = DCSSConfig(n_clusters=n_clusters, preset=preset, **dcss_kwargs).resolved()
     xt, _ = as_tensor(x)
     if xt.dim() == 3:

@@ -240,6 +240,7 @@ def test_fit_from_cli_args_gives_the_estimator_interface(tmp_path):
     assert os.path.exists(tmp_path / "progress.pt")  # `dcss fit` removes it once the run is written
     cfg = model.config.to_dict()
     assert cfg["n_clusters"] == 10 and cfg["phase1_epochs"] == 0 and cfg["latent_dim"] == 32
+    assert cfg["num_heads"] == 1  # what was trained (the estimator's image default is 3)
     assert model.input_shape == (1, 8, 8)
     assert model.transform(x).shape == (n, 32)
     q = model.predict_proba(x)
@@ -285,6 +286,8 @@ def test_fit_bad_input():
         fit_lightly(bad, 3, pretrain_epochs=0, phase2_epochs=0)
     with pytest.raises(ValueError, match="at least 2"):
         fit_lightly(np.random.rand(50, 8, 8), 1)
+    with pytest.raises(ValueError, match="one cluster head"):
+        fit_lightly(np.random.rand(50, 8, 8), 3, num_heads=3)
 
 
 @pytest.mark.slow
