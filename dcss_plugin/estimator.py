@@ -351,12 +351,13 @@ class DCSS:
             broadcast_buffers(ae)
             return self._encode_all(rows, dev)
 
-        last_save = [-math.inf]  # perf_counter() of the last save
+        last_save = -math.inf  # perf_counter() of the last save
 
         def save_progress(phase: str, epoch: int, opt: Optional[torch.optim.Optimizer], force: bool = True) -> None:
+            nonlocal last_save
             if checkpoint_path is None or not lead:
                 return
-            if not force and time.perf_counter() - last_save[0] < checkpoint_every_s:
+            if not force and time.perf_counter() - last_save < checkpoint_every_s:
                 return
             state = {
                 "format": PROGRESS_FORMAT, "version": __version__, "config": cfg.to_dict(),
@@ -368,7 +369,7 @@ class DCSS:
                 "knn": knn if phase == "phase2" else None, "history": _history_to_state(history),
             }
             atomic_torch_save(state, checkpoint_path)
-            last_save[0] = time.perf_counter()
+            last_save = time.perf_counter()
 
         def mine_neighbors(u_now: Tensor) -> Tensor:
             from sklearn.neighbors import NearestNeighbors
