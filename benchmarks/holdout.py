@@ -21,6 +21,11 @@ Added later, before any run on them: tissue gene expression (dslabs; 189x500 gen
 Images added later, before any run on them (fresh for the three-head image recipe): scikit-image's LFW subset
 (200 grey 25x25 images, 2 classes: 100 faces, 100 non-faces) and three of its 512x512 textures (brick, grass,
 gravel) cut into 256 non-overlapping 32x32 patches each (768 images, 3 classes). `--only lfw_faces textures3`.
+Signals added later, before any run on them (fresh vectors): six UCR/UEA time-series sets bundled in `sktime`'s
+wheel, train and test splits together, each series flattened to one vector: ArrowHead (211x251, 3 shapes),
+GunPoint (200x150, 2 motions), ItalyPowerDemand (1096x24, 2 seasons), OSULeaf (442x427, 6 leaf species),
+BasicMotions (80 x 6 channels x 100 = 600, 4 activities) and ACSF1 (200x1460, 10 appliances).
+`--only arrowhead gunpoint italypower osuleaf basicmotions acsf1`.
 """
 
 from __future__ import annotations
@@ -113,6 +118,16 @@ def datasets():
         out["textures3"] = (np.concatenate(tiles), np.repeat([0, 1, 2], 256))
     except ImportError:
         print("(scikit-image not installed: pip install scikit-image to include its faces and texture images)")
+    try:  # UCR/UEA time series bundled in sktime's wheel (no download); train + test splits together
+        from sktime import datasets as skt
+
+        for name, loader in (("arrowhead", skt.load_arrow_head), ("gunpoint", skt.load_gunpoint),
+                             ("italypower", skt.load_italy_power_demand), ("osuleaf", skt.load_osuleaf),
+                             ("basicmotions", skt.load_basic_motions), ("acsf1", skt.load_acsf1)):
+            xs, ys = loader(return_type="numpy3D")  # (N, channels, length)
+            out[name] = (xs.reshape(len(xs), -1).astype(np.float32), np.unique(ys, return_inverse=True)[1])
+    except ImportError:
+        print("(sktime not installed: pip install sktime to include the UCR/UEA time-series sets)")
     return out
 
 
