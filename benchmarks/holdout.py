@@ -36,6 +36,7 @@ diabetes (MASS Pima.tr + Pima.te; 532x7, 2 classes), Egyptian skulls by epoch (h
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -161,7 +162,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--preset", default="default")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="DCSS settings to override, e.g. neighbor_space=input num_heads=3 (values parsed as JSON "
+                         "when they can be, else kept as text)")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     print(f"{'data':<15}{'seed':>5}{'DCSS ACC':>10}{'NMI':>7}{'ARI':>7}{'k-means ACC':>13}{'NMI':>7}{'ARI':>7}"
           f"{'phase-1 ACC':>13}{'time s':>8}")
     for name, (x, y) in datasets().items():
@@ -173,7 +186,7 @@ def main() -> None:
             flat = x.reshape(len(x), -1) if x.ndim > 2 else StandardScaler().fit_transform(x)  # images: raw pixels
             km = KMeans(k, n_init=10, random_state=seed).fit_predict(flat)
             t0 = time.perf_counter()
-            model = DCSS(k, preset=args.preset, seed=seed, verbose=False).fit(x)
+            model = DCSS(k, preset=args.preset, seed=seed, verbose=False, **overrides).fit(x)
             dt = time.perf_counter() - t0
             a, b = evaluate(y, model.labels_), evaluate(y, km)
             p1 = evaluate(y, model.history_["labels_after_phase1"])["acc"]  # the centers' partition before Phase 2

@@ -143,7 +143,7 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
     xv = x.unsqueeze(1) if x.dim() == 3 else x
     overrides: Dict[str, Any] = {}
     for key in ("pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "m", "zeta", "gamma", "lam",
-                "T1", "T2", "T2_min_steps", "latent_dim", "lr", "kmeans_init", "num_heads"):
+                "T1", "T2", "T2_min_steps", "latent_dim", "lr", "kmeans_init", "num_heads", "neighbor_space"):
         val = getattr(args, key, None)
         if val is not None:
             overrides[key] = val
@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="k-means on u or on u/||u|| to start Phase 1 (default: cosine after NT-Xent pretraining)")
     fit.add_argument("--num-heads", type=_positive_int,
                      help="MNet heads trained side by side in Phase 2, lowest loss kept (default: 3 for images, 1 else)")
+    fit.add_argument("--neighbor-space", choices=["u", "input"],
+                     help="where Phase 2's nearest-neighbour positives are found: the latent space u after Phase 1 "
+                          "(default) or the standardised input (vectors)")
     bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")
     bb.add_argument("--backbone", metavar="timm:NAME",
                     help="encode images with a timm model, e.g. timm:resnet18 (names: timm.list_models())")

@@ -371,12 +371,13 @@ class DCSS:
             atomic_torch_save(state, checkpoint_path)
             last_save = time.perf_counter()
 
-        def mine_neighbors(u_now: Tensor) -> Tensor:
+        def mine_neighbors(feats: Tensor) -> Tensor:
+            """(N, k) indices of each row's k nearest other rows in ``feats`` (N, D), Euclidean."""
             from sklearn.neighbors import NearestNeighbors
 
             k = min(cfg.neighbors, n - 1)
-            u_np = u_now.cpu().numpy()
-            _, ind = NearestNeighbors(n_neighbors=k + 1).fit(u_np).kneighbors(u_np)
+            f_np = feats.cpu().numpy()
+            _, ind = NearestNeighbors(n_neighbors=k + 1).fit(f_np).kneighbors(f_np)
             return torch.as_tensor(ind[:, 1:], dtype=torch.long)
 
         def end_epoch(phase: str, epoch: int, bar: Any, opt: torch.optim.Optimizer, t0: float,
@@ -473,8 +474,8 @@ class DCSS:
             bar.close()
             u_all = encode_all(xn)
             history["labels_after_phase1"] = self.centers(u_all).argmax(1).cpu().numpy()
-            if cfg.neighbors > 0:
-                knn = mine_neighbors(u_all)
+            if cfg.neighbors > 0:  # known positives for Phase 2
+                knn = mine_neighbors(u_all if cfg.neighbor_space == "u" else xn.flatten(1))
             log.info("phase 1: %d epochs, %.1f s", epochs["phase1"], history["time_s"]["phase1"])
             start_phase, start_epoch = "phase2", 0
             save_progress("phase2", 0, None)
@@ -524,7 +525,8 @@ class DCSS:
             if cfg.balance_prior == "phase1" and q_space and size_prior is None:
                 size_prior = head_size_prior()  # the q-space stage keeps the sizes reached on the u-space targets
                 history["balance_prior"] = size_prior.cpu().numpy()
-            if knn is not None and cfg.neighbor_refresh > 0 and epoch > 0 and epoch % cfg.neighbor_refresh == 0:
+            refresh = cfg.neighbor_space == "u" and cfg.neighbor_refresh > 0  # input-space neighbours never change
+            if knn is not None and refresh and epoch > 0 and epoch % cfg.neighbor_refresh == 0:
                 knn = mine_neighbors(encode_all(xn))
             ae.train()
             heads.train()

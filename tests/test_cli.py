@@ -51,9 +51,11 @@ def test_fit_without_labels_and_from_csv(tmp_path):
     np.savetxt(tmp_path / "X.csv", x, delimiter=",", header=",".join(f"f{i}" for i in range(x.shape[1])),
                comments="")
     out = tmp_path / "run"
-    assert main(["fit", "--data", str(tmp_path / "X.csv"), "--clusters", "3", "--out", str(out), *FAST]) == 0
+    assert main(["fit", "--data", str(tmp_path / "X.csv"), "--clusters", "3", "--out", str(out),
+                 "--neighbor-space", "input", *FAST]) == 0
     report = json.loads((out / "report.json").read_text())
     assert "metrics" not in report
+    assert report["config"]["neighbor_space"] == "input"
     assert np.load(out / "labels.npy").shape == (len(x),)
 
 

@@ -173,6 +173,31 @@ def test_three_heads_for_images_and_the_lowest_loss_head_is_kept():
     assert torch.equal(model.head.eval()(torch.as_tensor(u)).argmax(1), torch.as_tensor(model.labels_))
 
 
+def test_neighbor_space_input_mines_the_standardised_inputs_knn_and_u_the_latent_knn():
+    from sklearn.neighbors import NearestNeighbors
+
+    from dcss_plugin import DCSSConfig
+
+    assert DCSSConfig().resolved(images=False).neighbor_space == "u"  # opt-in (see README: mixed on tables)
+    assert DCSSConfig(neighbor_space="input").resolved(images=True).neighbor_space == "input"
+    with pytest.raises(ValueError, match="neighbor_space"):
+        DCSSConfig(neighbor_space="pixels")
+    x, _ = blobs(n_per=15, k=3, dim=5, seed=5)
+    x[:, 0] *= 100.0  # unscaled features: the neighbours must come from the standardised input, not from x
+    common = dict(mlp_hidden_dims=(16, 16), pretrain_epochs=2, phase1_epochs=2, phase2_epochs=3, verbose=False)
+    z = (x - x.mean(0)) / x.std(0)
+    expected = NearestNeighbors(n_neighbors=6).fit(z).kneighbors(z)[1][:, 1:]
+    raw = NearestNeighbors(n_neighbors=6).fit(x).kneighbors(x)[1][:, 1:]
+    assert not np.array_equal(np.sort(expected, 1), np.sort(raw, 1))  # the test can tell the two apart
+    knn_in = DCSS(3, seed=0, neighbor_space="input", **common).fit(x).history_["knn"]
+    assert np.array_equal(np.sort(knn_in, 1), np.sort(expected, 1))
+    model_u = DCSS(3, seed=0, **{**common, "phase2_epochs": 0}).fit(x)  # u as after Phase 1
+    u = model_u.transform(x)
+    expected_u = NearestNeighbors(n_neighbors=6).fit(u).kneighbors(u)[1][:, 1:]
+    assert np.array_equal(np.sort(model_u.history_["knn"], 1), np.sort(expected_u, 1))
+    assert not np.array_equal(np.sort(expected_u, 1), np.sort(expected, 1))
+
+
 def test_u_space_stage_lasts_at_least_T2_min_steps():
     x, _ = blobs(n_per=20, k=3, seed=4)  # 60 rows: one step per epoch at batch 32 -> 2 steps
     common = dict(mlp_hidden_dims=(16, 16), pretrain_epochs=2, phase1_epochs=2, batch_size=32, verbose=False)
