@@ -1125,6 +1125,7 @@ def fit_timm(x: Any, n_clusters: int, model_name: str, mode: str = "frozen",
         feat_model.fit(feats, callback=callback, checkpoint_path=checkpoint_path, resume=resume)
         times["dcss_fit"] = time.perf_counter() - t0
         spec["mlp_hidden_dims"] = list(feat_model.config.mlp_hidden_dims)
+        spec["mlp_linear_path"] = bool(feat_model.config.mlp_linear_path)
         model = _compose_frozen(feat_model, encoder, images, spec)
         model.history_.setdefault("time_s", {})
         model.history_["time_s"] = {**model.history_["time_s"], "feature_extraction": times["feature_extraction"]}
@@ -1163,7 +1164,8 @@ def _module_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     d = int(spec["latent_dim"])
     if spec["mode"] == "frozen":
         f = encoder.num_features
-        mlp = MLPAutoencoder(f, latent_dim=d, hidden_dims=tuple(spec["mlp_hidden_dims"]))
+        mlp = MLPAutoencoder(f, latent_dim=d, hidden_dims=tuple(spec["mlp_hidden_dims"]),
+                             linear_path=bool(spec.get("mlp_linear_path", False)))
         return FrozenFeaturePipeline(encoder, mlp, torch.zeros(f), torch.ones(f))
     return TimmFeatureAutoencoder(encoder, d, finetune=spec["mode"], train_blocks=int(spec.get("train_blocks", 1)),
                                   decoder_hidden_dims=tuple(spec.get("decoder_hidden_dims", (256,))),

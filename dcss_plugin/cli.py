@@ -143,10 +143,11 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
     xv = x.unsqueeze(1) if x.dim() == 3 else x
     overrides: Dict[str, Any] = {}
     for key in ("pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "m", "zeta", "gamma", "lam",
-                "T1", "T2", "T2_min_steps", "latent_dim", "lr", "kmeans_init", "num_heads", "neighbor_space"):
+                "T1", "T2", "T2_min_steps", "latent_dim", "lr", "kmeans_init", "num_heads", "neighbor_space",
+                "mlp_linear_path"):
         val = getattr(args, key, None)
         if val is not None:
-            overrides[key] = val
+            overrides[key] = {"on": True, "off": False}.get(val, val) if key == "mlp_linear_path" else val
     backbone = getattr(args, "backbone", None)
     ssl = getattr(args, "ssl", None)
     if backbone and ssl:
@@ -319,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--neighbor-space", choices=["u", "input"],
                      help="where Phase 2's nearest-neighbour positives are found: the latent space u after Phase 1 "
                           "(default) or the standardised input (vectors)")
+    fit.add_argument("--linear-path", dest="mlp_linear_path", choices=["on", "off"], type=str.lower,
+                     help="vectors: a PCA-started linear map beside the MLP autoencoder (default: on when F > "
+                          "latent_dim under the default preset)")
     bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")
     bb.add_argument("--backbone", metavar="timm:NAME",
                     help="encode images with a timm model, e.g. timm:resnet18 (names: timm.list_models())")

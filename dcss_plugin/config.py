@@ -85,6 +85,10 @@ class DCSSConfig:
         lr: Adam learning rate for pretraining and Phase 2; Phase 1 uses ``lr * phase1_lr_factor``.
         autoencoder: ``"auto"`` (conv for images under the default preset, MLP otherwise), ``"mlp"`` or ``"conv"``.
         mlp_hidden_dims: encoder widths of the MLP autoencoder.
+        mlp_linear_path: give the MLP autoencoder a linear map beside each MLP, started at PCA of the input
+            (:class:`~dcss_plugin.autoencoders.MLPAutoencoder`), so that pretraining starts from the top-d
+            principal axes and learns a non-linear correction. ``None``: on under the default preset when the MLP
+            compresses (more input features than ``latent_dim``), off otherwise and under ``"paper"``.
         head_hidden_dims: MNet hidden widths (128, 128).
         augment: make augmented views (pretraining and Phase 2).
         neighbors: k of the nearest-neighbour positives in Phase 2 (0 turns them off).
@@ -135,6 +139,7 @@ class DCSSConfig:
     phase1_lr_factor: float = 0.1
     autoencoder: str = "auto"
     mlp_hidden_dims: Tuple[int, ...] = (500, 500, 2000)
+    mlp_linear_path: Optional[bool] = None
     head_hidden_dims: Tuple[int, ...] = (128, 128)
     augment: Optional[bool] = None
     neighbors: Optional[int] = None
@@ -185,12 +190,13 @@ class DCSSConfig:
         self.head_hidden_dims = tuple(int(h) for h in self.head_hidden_dims)
         self.conv_channels = tuple(int(h) for h in self.conv_channels)
 
-    def resolved(self, images: bool = True) -> "DCSSConfig":
+    def resolved(self, images: bool = True, n_features: Optional[int] = None) -> "DCSSConfig":
         """A copy with every preset-dependent ``None`` filled in.
 
         ``images``: whether the samples are images (N, C, H, W); the default preset's NT-Xent pretraining term is
         on for images and off for vectors, and its balance tolerance is 0 for images, the Phase-1 sizes' KL for
-        vectors.
+        vectors. ``n_features``: F of vector samples; the default preset's MLP gets its PCA-started linear path
+        when ``F > latent_dim`` (``None``: unknown, off).
         """
         paper = self.preset == "paper"
         defaults: Dict[str, Any] = {
@@ -207,6 +213,8 @@ class DCSSConfig:
             "neighbor_refresh": 0 if paper else 50,
             "phase2_encoder_lr_factor": 1.0 if paper else 0.1,
             "num_heads": 1 if (paper or not images) else 3,
+            "mlp_linear_path": (not paper and not images and n_features is not None
+                                and int(n_features) > int(self.latent_dim)),
         }
         values = asdict(self)
         for key, value in defaults.items():

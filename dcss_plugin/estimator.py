@@ -228,9 +228,10 @@ class DCSS:
                              "channels": list(cfg.conv_channels)}
             return ConvAutoencoder(sample_shape, latent_dim=cfg.latent_dim, channels=cfg.conv_channels)
         feats = int(np.prod(sample_shape))
+        linear = bool(cfg.mlp_linear_path)
         self._ae_spec = {"kind": "mlp", "in_features": feats, "latent_dim": cfg.latent_dim,
-                         "hidden_dims": list(cfg.mlp_hidden_dims)}
-        return MLPAutoencoder(feats, latent_dim=cfg.latent_dim, hidden_dims=cfg.mlp_hidden_dims)
+                         "hidden_dims": list(cfg.mlp_hidden_dims), "linear_path": linear}
+        return MLPAutoencoder(feats, latent_dim=cfg.latent_dim, hidden_dims=cfg.mlp_hidden_dims, linear_path=linear)
 
     @staticmethod
     def _autoencoder_from_spec(spec: Dict[str, Any]) -> nn.Module:
@@ -238,7 +239,7 @@ class DCSS:
             return ConvAutoencoder(tuple(spec["image_shape"]), latent_dim=int(spec["latent_dim"]),
                                    channels=tuple(spec.get("channels", (32, 64, 128))))
         return MLPAutoencoder(int(spec["in_features"]), latent_dim=int(spec["latent_dim"]),
-                              hidden_dims=tuple(spec["hidden_dims"]))
+                              hidden_dims=tuple(spec["hidden_dims"]), linear_path=bool(spec.get("linear_path", False)))
 
     # ------------------------------------------------------------------ helpers
     @torch.no_grad()
@@ -281,7 +282,7 @@ class DCSS:
         and are copied from rank 0 before every full pass over the data.
         """
         x = self._prepare(X, fitting=True)
-        cfg = self.config.resolved(images=x.dim() == 4)
+        cfg = self.config.resolved(images=x.dim() == 4, n_features=x.shape[1] if x.dim() == 2 else None)
         if len(x) < 2:
             raise DataError("Need at least 2 samples to train.")
         dev = _resolve_device(self.device)
@@ -310,6 +311,8 @@ class DCSS:
         # epochs of u-space targets in Phase 2: T2, or more so that they last at least T2_min_steps steps
         u_stage = max(cfg.T2, min(math.ceil(cfg.T2_min_steps / steps), epochs["phase2"] // 2))
         ae = self._build_autoencoder(cfg, self.input_shape).to(dev)
+        if self.autoencoder_module is None and getattr(ae, "linear_path", False) and resumed is None:
+            ae.init_linear_path(xn)  # PCA of the normalised input (the data every rank holds in full)
         self.autoencoder = ae
         self.centers = ClusterCenters(cfg.n_clusters, cfg.latent_dim, m=cfg.m).to(dev)
         feature_std = xn.flatten(1).std(0) if xn.dim() == 2 else None

@@ -104,6 +104,7 @@ def test_digits_onnx_matches_pytorch(files, digits_model, digits, kind, n, sourc
 @pytest.mark.parametrize("n", BATCHES)
 @pytest.mark.parametrize("kind", ["head", "full"])
 def test_vector_onnx_matches_pytorch(files, vector_model, kind, n):
+    assert vector_model.autoencoder.linear_path  # the default for F > latent_dim: its graph is covered here
     x = np.random.default_rng(n).normal(0, 4, size=(n, 20)).astype(np.float32)
     assigner = OnnxClusterAssigner(files["vector", kind], provider="cpu")
     inputs = x if kind == "full" else vector_model.transform(x)

@@ -144,3 +144,38 @@ def test_pairwise_loss_module_targets_and_known_positive_ids_match_naive():
         crit(q, sample_ids=ids[:5])
     with pytest.raises(ValueError, match="target"):
         crit(q, target=p[:, :2])
+
+
+def test_mlp_linear_path_starts_at_pca_and_then_learns_the_mlp():
+    """After init_linear_path, u is the top-d PCA scores and x_hat the rank-d PCA reconstruction (both MLPs' last
+    layers are zero); one optimizer step later the MLP path is no longer zero (its gradient is not blocked)."""
+    from sklearn.decomposition import PCA
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g) @ torch.randn(6, 20, generator=g) + 0.1 * torch.randn(200, 20, generator=g)
+    x = x - x.mean(0)  # the estimator feeds standardised (zero-mean) input
+    ae = MLPAutoencoder(20, latent_dim=4, hidden_dims=(32,), linear_path=True)
+    ae.init_linear_path(x)
+    pca = PCA(4).fit(x.double().numpy())
+    u = ae.encode(x).detach().double().numpy()
+    scores = pca.transform(x.double().numpy())
+    np.testing.assert_allclose(np.abs(u), np.abs(scores), atol=1e-4)  # principal axes are defined up to sign
+    recon = pca.inverse_transform(scores)
+    np.testing.assert_allclose(ae.decode(ae.encode(x)).detach().double().numpy(), recon, atol=1e-4)
+    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
+    loss = (ae(x)[1] - x).pow(2).mean()
+    loss.backward()
+    assert ae.encoder[-1].weight.grad.abs().sum() > 0 and ae.decoder[-1].weight.grad.abs().sum() > 0
+    opt.step()
+    assert ae.encoder(x).abs().sum() > 0  # the non-linear correction is learning
+
+
+def test_mlp_linear_path_wider_than_the_data_rank_and_bad_use():
+    x = torch.randn(3, 5)  # 3 rows: rank <= 3, latent 4 -> the last axis stays zero
+    ae = MLPAutoencoder(5, latent_dim=4, hidden_dims=(8,), linear_path=True)
+    ae.init_linear_path(x)
+    assert torch.isfinite(ae.encode(x)).all() and ae.encoder_linear.weight[3].abs().sum() == 0
+    with pytest.raises(RuntimeError, match="linear_path=True"):
+        MLPAutoencoder(5, 4, (8,)).init_linear_path(x)
+    with pytest.raises(ValueError, match=r"\(N, 5\)"):
+        ae.init_linear_path(torch.randn(10, 6))
