@@ -67,17 +67,21 @@ class MLPAutoencoder(nn.Module):
         return nn.Sequential(*layers)
 
     @torch.no_grad()
-    def init_linear_path(self, x: Tensor) -> None:
+    def init_linear_path(self, x: Tensor, max_rows: int = 20000) -> None:
         """Set the linear path to PCA of ``x`` (N, F) and zero the MLPs' last layers (``u`` = PCA scores).
 
         ``A``'s columns are the top ``min(d, F, N)`` right singular vectors of the centred ``x`` (columns beyond
-        the rank stay zero); ``B = A^T``. Deterministic for a given ``x``; draws no random numbers.
+        the rank stay zero); ``B = A^T``. More than ``max_rows`` rows: the PCA uses ``max_rows`` evenly spaced ones.
+        Deterministic for a given ``x``; draws no random numbers.
         """
         if not self.linear_path:
             raise RuntimeError("init_linear_path needs MLPAutoencoder(..., linear_path=True).")
-        x = x.detach().flatten(1).double().cpu()
+        x = x.detach().flatten(1)
         if x.shape[1] != self.in_features:
             raise ValueError(f"Expected (N, {self.in_features}) data for the PCA of the linear path, got {tuple(x.shape)}.")
+        if len(x) > max_rows:
+            x = x[torch.linspace(0, len(x) - 1, max_rows).long()]
+        x = x.double().cpu()
         _, _, vt = torch.linalg.svd(x - x.mean(0), full_matrices=False)
         r = min(self.latent_dim, vt.shape[0])
         axes = torch.zeros(self.latent_dim, self.in_features, dtype=torch.float64)

@@ -179,3 +179,15 @@ def test_mlp_linear_path_wider_than_the_data_rank_and_bad_use():
         MLPAutoencoder(5, 4, (8,)).init_linear_path(x)
     with pytest.raises(ValueError, match=r"\(N, 5\)"):
         ae.init_linear_path(torch.randn(10, 6))
+
+
+def test_mlp_linear_path_pca_from_evenly_spaced_rows_when_many():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1000, 3, generator=g) @ torch.randn(3, 12, generator=g)
+    x = x - x.mean(0)
+    full, sub = (MLPAutoencoder(12, 3, (8,), linear_path=True) for _ in range(2))
+    full.init_linear_path(x)
+    sub.init_linear_path(x, max_rows=200)  # rank-3 data: 200 rows span the same principal subspace
+    a, b = full.encoder_linear.weight.detach().double(), sub.encoder_linear.weight.detach().double()
+    np.testing.assert_allclose((a @ a.t()).numpy(), np.eye(3), atol=1e-5)
+    np.testing.assert_allclose((a.t() @ a).numpy(), (b.t() @ b).numpy(), atol=1e-4)  # same projector
