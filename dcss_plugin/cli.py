@@ -321,8 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where Phase 2's nearest-neighbour positives are found: the latent space u after Phase 1 "
                           "(default) or the standardised input (vectors)")
     fit.add_argument("--linear-path", dest="mlp_linear_path", choices=["on", "off"], type=str.lower,
-                     help="vectors: a PCA-started linear map beside the MLP autoencoder (default: on when F > "
-                          "latent_dim under the default preset)")
+                     help="vectors: a PCA-started linear map beside the MLP autoencoder (default: off)")
     bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")
     bb.add_argument("--backbone", metavar="timm:NAME",
                     help="encode images with a timm model, e.g. timm:resnet18 (names: timm.list_models())")

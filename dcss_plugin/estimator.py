@@ -282,7 +282,7 @@ class DCSS:
         and are copied from rank 0 before every full pass over the data.
         """
         x = self._prepare(X, fitting=True)
-        cfg = self.config.resolved(images=x.dim() == 4, n_features=x.shape[1] if x.dim() == 2 else None)
+        cfg = self.config.resolved(images=x.dim() == 4)
         if len(x) < 2:
             raise DataError("Need at least 2 samples to train.")
         dev = _resolve_device(self.device)

@@ -160,3 +160,13 @@ def test_fit_devices_rejects_bad_input_and_combinations_before_spawning(tmp_path
     assert main([*base, "--dataset", "digits", "--clusters", "10", "--ssl", "simclr"]) == 2
     assert "--devices" in capsys.readouterr().err
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+@pytest.mark.parametrize("flag, expected", [(None, False), ("on", True), ("OFF", False)])
+def test_fit_linear_path_flag(tmp_path, flag, expected):
+    x, _ = blobs(dim=12)
+    np.save(tmp_path / "X.npy", x)
+    out = tmp_path / "run"
+    extra = ["--linear-path", flag] if flag else []
+    assert main(["fit", "--data", str(tmp_path / "X.npy"), "--clusters", "3", "--out", str(out), *extra, *FAST]) == 0
+    assert json.loads((out / "report.json").read_text())["config"]["mlp_linear_path"] is expected

@@ -224,30 +224,27 @@ def test_default_recipe_on_digits_beats_kmeans():
     assert ours["nmi"] >= base["nmi"] + 0.08, (ours, base)
 
 
-def test_linear_path_resolution_and_pca_start():
-    """Default preset: the PCA-started linear path is on for vectors with F > latent_dim only; the estimator starts
-    it at PCA of the standardised input (no training: u equals the PCA scores); save/load keeps it."""
-    from dcss_plugin import DCSSConfig
-
-    assert DCSSConfig(3).resolved(images=False, n_features=11).mlp_linear_path is True
-    assert DCSSConfig(3).resolved(images=False, n_features=10).mlp_linear_path is False
-    assert DCSSConfig(3).resolved(images=True).mlp_linear_path is False
-    assert DCSSConfig(3, preset="paper").resolved(images=False, n_features=50).mlp_linear_path is False
-    assert DCSSConfig(3, mlp_linear_path=False).resolved(images=False, n_features=50).mlp_linear_path is False
+def test_linear_path_option_starts_at_pca():
+    """``mlp_linear_path`` is off unless asked for; when on, the estimator starts it at PCA of the standardised
+    input (no training: u equals the PCA scores)."""
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
+    from dcss_plugin import DCSSConfig
+
+    assert DCSSConfig(3).resolved(images=False).mlp_linear_path is False
+    assert DCSSConfig(3, mlp_linear_path=True).resolved(images=False).mlp_linear_path is True
     x, _ = blobs(n_per=30, k=3, dim=16, seed=4)
-    model = DCSS(3, seed=0, mlp_hidden_dims=(32,), pretrain_epochs=0, phase1_epochs=0, phase2_epochs=0,
-                 verbose=False).fit(x)
-    assert model.config.mlp_linear_path is True
+    zero = dict(pretrain_epochs=0, phase1_epochs=0, phase2_epochs=0, verbose=False)
+    assert not DCSS(3, seed=0, mlp_hidden_dims=(32,), **zero).fit(x).autoencoder.linear_path
+    model = DCSS(3, seed=0, mlp_hidden_dims=(32,), mlp_linear_path=True, **zero).fit(x)
     scores = PCA(10).fit_transform(StandardScaler().fit_transform(x.astype(np.float64)))
     np.testing.assert_allclose(np.abs(model.transform(x)), np.abs(scores), atol=1e-3)
 
 
 def test_linear_path_model_saves_loads_and_clusters(tmp_path):
     x, y = blobs(n_per=40, k=3, dim=16, seed=5)
-    model = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), **FAST).fit(x)
+    model = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), mlp_linear_path=True, **FAST).fit(x)
     assert model.config.mlp_linear_path and model.autoencoder.linear_path
     assert evaluate(y, model.labels_)["acc"] > 0.9
     model.save(tmp_path / "m.pt")

@@ -104,11 +104,21 @@ def test_digits_onnx_matches_pytorch(files, digits_model, digits, kind, n, sourc
 @pytest.mark.parametrize("n", BATCHES)
 @pytest.mark.parametrize("kind", ["head", "full"])
 def test_vector_onnx_matches_pytorch(files, vector_model, kind, n):
-    assert vector_model.autoencoder.linear_path  # the default for F > latent_dim: its graph is covered here
     x = np.random.default_rng(n).normal(0, 4, size=(n, 20)).astype(np.float32)
     assigner = OnnxClusterAssigner(files["vector", kind], provider="cpu")
     inputs = x if kind == "full" else vector_model.transform(x)
     assert_matches(assigner(inputs), vector_model.predict_proba(x))
+
+
+def test_vector_linear_path_onnx_matches_pytorch(tmp_path, vectors):
+    """An MLP autoencoder with the PCA-started linear path (``mlp_linear_path=True``) exports and matches too."""
+    model = DCSS(n_clusters=4, mlp_hidden_dims=(64, 64), mlp_linear_path=True, **FAST).fit(vectors)
+    assert model.autoencoder.linear_path
+    x = np.random.default_rng(1).normal(0, 4, size=(100, 20)).astype(np.float32)
+    for full in (False, True):
+        path = export_assigner(model, tmp_path / f"a{int(full)}.onnx", full=full)
+        assigner = OnnxClusterAssigner(path, provider="cpu")
+        assert_matches(assigner(x if full else model.transform(x)), model.predict_proba(x))
 
 
 def test_input_forms_chunking_and_empty(files, digits_model, digits):
