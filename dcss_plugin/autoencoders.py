@@ -78,7 +78,8 @@ class MLPAutoencoder(nn.Module):
             raise RuntimeError("init_linear_path needs MLPAutoencoder(..., linear_path=True).")
         x = x.detach().flatten(1)
         if x.shape[1] != self.in_features:
-            raise ValueError(f"Expected (N, {self.in_features}) data for the PCA of the linear path, got {tuple(x.shape)}.")
+            raise ValueError(f"Expected (N, {self.in_features}) data for the PCA of the linear path, "
+                             f"got {tuple(x.shape)}.")
         if len(x) > max_rows:
             x = x[torch.linspace(0, len(x) - 1, max_rows).long()]
         x = x.double().cpu()
