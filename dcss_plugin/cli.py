@@ -147,7 +147,7 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
                 "mlp_linear_path"):
         val = getattr(args, key, None)
         if val is not None:
-            overrides[key] = {"on": True, "off": False}.get(val, val) if key == "mlp_linear_path" else val
+            overrides[key] = val
     backbone = getattr(args, "backbone", None)
     ssl = getattr(args, "ssl", None)
     if backbone and ssl:
@@ -282,6 +282,13 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _on_off(text: str) -> bool:
+    value = {"on": True, "off": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be 'on' or 'off', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcss", description="DCSS deep clustering (arXiv 2405.03590).")
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING).")
@@ -320,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--neighbor-space", choices=["u", "input"],
                      help="where Phase 2's nearest-neighbour positives are found: the latent space u after Phase 1 "
                           "(default) or the standardised input (vectors)")
-    fit.add_argument("--linear-path", dest="mlp_linear_path", choices=["on", "off"], type=str.lower,
+    fit.add_argument("--linear-path", dest="mlp_linear_path", type=_on_off, metavar="on|off",
                      help="vectors: a PCA-started linear map beside the MLP autoencoder (default: off)")
     bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")
     bb.add_argument("--backbone", metavar="timm:NAME",
