@@ -144,7 +144,7 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
     overrides: Dict[str, Any] = {}
     for key in ("pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "m", "zeta", "gamma", "lam",
                 "T1", "T2", "T2_min_steps", "latent_dim", "lr", "kmeans_init", "num_heads", "neighbor_space",
-                "mlp_linear_path"):
+                "mlp_linear_path", "neighbor_embedding_weight", "neighbor_embedding_k"):
         val = getattr(args, key, None)
         if val is not None:
             overrides[key] = val
@@ -282,6 +282,13 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_float(text: str) -> float:
+    v = float(text)
+    if not v >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return v
+
+
 def _on_off(text: str) -> bool:
     value = {"on": True, "off": False}.get(text.lower())
     if value is None:
@@ -329,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default) or the standardised input (vectors)")
     fit.add_argument("--linear-path", dest="mlp_linear_path", type=_on_off, metavar="on|off",
                      help="vectors: a PCA-started linear map beside the MLP autoencoder (default: off)")
+    fit.add_argument("--neighbor-embedding", dest="neighbor_embedding_weight", type=_non_negative_float,
+                     metavar="W", help="vectors: weight of the neighbour-embedding pretraining term (input-space "
+                                       "k-NN pairs, Cauchy kernel; 0: off)")
+    fit.add_argument("--neighbor-embedding-k", dest="neighbor_embedding_k", type=_positive_int, metavar="K",
+                     help="neighbours per sample in that term's input-space graph (default 10)")
     bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")
     bb.add_argument("--backbone", metavar="timm:NAME",
                     help="encode images with a timm model, e.g. timm:resnet18 (names: timm.list_models())")

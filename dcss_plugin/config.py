@@ -124,6 +124,12 @@ class DCSSConfig:
             over the last epoch is kept (label-free). Default preset: 3 for images, 1 for vectors; paper: 1.
         contrastive_weight: weight of an NT-Xent term between two views' ``u`` in pretraining (0: off; default
             preset: 1 for images, 0 for vectors).
+        neighbor_embedding_weight: weight of a neighbour-embedding term in pretraining
+            (:func:`~dcss_plugin.functional.neighbor_embedding_loss`: each sample's ``u`` is pulled toward the
+            ``u`` of one of its ``neighbor_embedding_k`` nearest neighbours in the normalised input and pushed
+            from the rest of the batch, Cauchy kernel); when on, the reconstruction term is averaged over the
+            features instead of summed, so the two terms are of one scale whatever F is. 0: off.
+        neighbor_embedding_k: k of the input-space neighbour graph of that term.
         kmeans_init: ``"euclidean"`` (k-means on ``u``) or ``"cosine"`` (k-means on ``u / ||u||``, centers = the
             clusters' means of ``u``). ``None``: ``"cosine"`` when ``contrastive_weight > 0`` (the NT-Xent term
             shapes only directions), else ``"euclidean"`` (the paper).
@@ -163,6 +169,8 @@ class DCSSConfig:
     neighbor_space: str = "u"
     num_heads: Optional[int] = None
     contrastive_weight: Optional[float] = None
+    neighbor_embedding_weight: Optional[float] = None
+    neighbor_embedding_k: int = 10
     kmeans_init: Optional[str] = None
     conv_channels: Tuple[int, ...] = (32, 64, 128)
     phase2_encoder_lr_factor: Optional[float] = None
@@ -192,6 +200,10 @@ class DCSSConfig:
         tol = self.balance_tolerance
         if tol is not None and tol != "phase1" and (isinstance(tol, str) or not float(tol) >= 0):
             raise ValueError(f"balance_tolerance must be a number >= 0 or 'phase1', got {tol!r}.")
+        if self.neighbor_embedding_weight is not None and not float(self.neighbor_embedding_weight) >= 0:
+            raise ValueError(f"neighbor_embedding_weight must be >= 0, got {self.neighbor_embedding_weight}.")
+        if int(self.neighbor_embedding_k) < 1:
+            raise ValueError(f"neighbor_embedding_k must be at least 1, got {self.neighbor_embedding_k}.")
         if self.T2_min_steps is not None and self.T2_min_steps < 0:
             raise ValueError(f"T2_min_steps must be >= 0, got {self.T2_min_steps}.")
         if self.T1 < 1 or self.T2 < 0:
@@ -223,6 +235,7 @@ class DCSSConfig:
             "phase2_encoder_lr_factor": 1.0 if paper else 0.1,
             "num_heads": 1 if (paper or not images) else 3,
             "mlp_linear_path": False,
+            "neighbor_embedding_weight": 0.0,
         }
         values = asdict(self)
         for key, value in defaults.items():

@@ -24,7 +24,8 @@ from .centers import ClusterCenters
 from .config import DCSSConfig
 from .data import DataError, InputNormalizer, as_tensor, data_fingerprint, shuffled_batches, validate_features
 from .distributed import broadcast_buffers, gather, is_distributed, mean_over_ranks, rank, shard_bounds, world_size
-from .functional import balance_penalty, known_positive_loss, phase1_size_prior, view_contrastive_loss
+from .functional import (balance_penalty, known_positive_loss, neighbor_embedding_loss, phase1_size_prior,
+                         view_contrastive_loss)
 from .heads import DCSSHead
 from .io import atomic_torch_save, load_checkpoint
 from .losses import CenteringLoss, PairwiseSimilarityLoss
@@ -374,11 +375,11 @@ class DCSS:
             atomic_torch_save(state, checkpoint_path)
             last_save = time.perf_counter()
 
-        def mine_neighbors(feats: Tensor) -> Tensor:
+        def mine_neighbors(feats: Tensor, k: Optional[int] = None) -> Tensor:
             """(N, k) indices of each row's k nearest other rows in ``feats`` (N, D), Euclidean."""
             from sklearn.neighbors import NearestNeighbors
 
-            k = min(cfg.neighbors, n - 1)
+            k = min(cfg.neighbors if k is None else k, n - 1)
             f_np = feats.cpu().numpy()
             _, ind = NearestNeighbors(n_neighbors=k + 1).fit(f_np).kneighbors(f_np)
             return torch.as_tensor(ind[:, 1:], dtype=torch.long)
@@ -409,6 +410,9 @@ class DCSS:
         if phase_order.index(start_phase) <= 0:
             opt = _adam(_param_groups(ae, cfg.lr), lr=cfg.lr)
             step = _distribute(_AutoencoderStep(ae), dev)
+            embed_knn: Optional[Tensor] = None
+            if cfg.neighbor_embedding_weight > 0:  # deterministic: found again on resume
+                embed_knn = mine_neighbors(xn.flatten(1), cfg.neighbor_embedding_k)
             first, bar = begin_phase("pretrain", opt, "pretrain")
             for epoch in range(first, epochs["pretrain"]):
                 t0 = time.perf_counter()
@@ -417,7 +421,18 @@ class DCSS:
                 for idx in shuffled_batches(n, cfg.batch_size, gen):
                     xb = xn[idx].to(dev)
                     share = n_ranks * len(shard(idx)) / len(idx)  # local mean * share, averaged by DDP = global mean
-                    if cfg.contrastive_weight > 0 and aug is not None:
+                    if embed_knn is not None:  # neighbour embedding: each row with one input-space neighbour
+                        pick = torch.randint(embed_knn.shape[1], (len(idx),), generator=gen)
+                        xnb = xn[embed_knn[idx, pick]].to(dev)
+                        va, vb = shard(view(xb)), shard(view(xnb))
+                        bl = len(va)
+                        u, x_hat = step(torch.cat([va, vb]))
+                        tb = torch.cat([target(shard(xb)), target(shard(xnb))])
+                        x_hat = x_hat.view_as(tb)
+                        loss = (x_hat - tb).pow(2).flatten(1).mean(1).mean() * share  # per-feature mean: F-free
+                        loss = loss + cfg.neighbor_embedding_weight * neighbor_embedding_loss(gather(u[:bl]),
+                                                                                              gather(u[bl:]))
+                    elif cfg.contrastive_weight > 0 and aug is not None:
                         va, vb = shard(view(xb)), shard(view(xb))
                         bl = len(va)
                         u, x_hat = step(torch.cat([va, vb]))

@@ -25,6 +25,7 @@ __all__ = [
     "pairwise_similarity",
     "pairwise_similarity_weights",
     "view_contrastive_loss",
+    "neighbor_embedding_loss",
     "balance_penalty",
     "phase1_size_prior",
     "known_positive_loss",
@@ -304,6 +305,36 @@ def view_contrastive_loss(u_a: Tensor, u_b: Tensor, temperature: float = 0.5) ->
     b = u_a.shape[0]
     z = torch.nn.functional.normalize(torch.cat([u_a, u_b]), dim=1)
     logits = z @ z.t() / temperature
+    logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return torch.nn.functional.cross_entropy(logits, target)
+
+
+def neighbor_embedding_loss(u_a: Tensor, u_b: Tensor) -> Tensor:
+    """InfoNCE with a Cauchy kernel: row i of ``u_b`` is an input-space neighbour of row i of ``u_a``.
+
+    The similarity of two embeddings is ``w = 1 / (1 + ||u - v||^2)`` (t-SNE's Student-t kernel); each of the
+    2B rows is pulled toward its partner and pushed from the other 2B - 2 rows:
+    ``-log(w_partner / sum_{j != self} w_j)``, averaged. With neighbours taken from the input's k-nearest-neighbour
+    graph this is a parametric, batch-wise neighbour embedding (contrastive t-SNE, Damrich et al., ICLR 2023), in
+    Euclidean ``u``, so k-means on ``u`` sees its clusters. Unlike :func:`view_contrastive_loss` it uses squared
+    distances, not cosines, and no temperature.
+
+    Args:
+        u_a, u_b: (B, d) embeddings of B samples and of one neighbour of each.
+
+    Returns:
+        Scalar loss (mean over the 2B anchors).
+
+    Example:
+        >>> u = torch.randn(8, 2)
+        >>> neighbor_embedding_loss(u, u + 0.01)  # partners close: near log(2B - 1) minus the pull
+    """
+    if u_a.shape != u_b.shape or u_a.dim() != 2:
+        raise ValueError(f"u_a and u_b must both be (B, d), got {tuple(u_a.shape)} and {tuple(u_b.shape)}.")
+    b = u_a.shape[0]
+    z = torch.cat([u_a, u_b])
+    logits = -torch.log1p(squared_distances(z, z))  # log of the Cauchy kernel
     logits = logits.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
     target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     return torch.nn.functional.cross_entropy(logits, target)

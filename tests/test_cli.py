@@ -170,3 +170,21 @@ def test_fit_linear_path_flag(tmp_path, flag, expected):
     extra = ["--linear-path", flag] if flag else []
     assert main(["fit", "--data", str(tmp_path / "X.npy"), "--clusters", "3", "--out", str(out), *extra, *FAST]) == 0
     assert json.loads((out / "report.json").read_text())["config"]["mlp_linear_path"] is expected
+
+
+@pytest.mark.parametrize("extra, weight, k", [
+    ([], 0.0, 10), (["--neighbor-embedding", "1", "--neighbor-embedding-k", "4"], 1.0, 4)])
+def test_fit_neighbor_embedding_flags(tmp_path, extra, weight, k):
+    x, _ = blobs(dim=6)
+    np.save(tmp_path / "X.npy", x)
+    out = tmp_path / "run"
+    assert main(["fit", "--data", str(tmp_path / "X.npy"), "--clusters", "3", "--out", str(out), *extra, *FAST]) == 0
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert config["neighbor_embedding_weight"] == weight and config["neighbor_embedding_k"] == k
+
+
+def test_fit_neighbor_embedding_rejects_negative_weight(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--dataset", "digits", "--clusters", "10", "--out", str(tmp_path / "r"),
+              "--neighbor-embedding", "-1"])
+    assert exc.value.code == 2 and "must be a number >= 0" in capsys.readouterr().err

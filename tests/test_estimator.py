@@ -211,6 +211,26 @@ def test_u_space_stage_lasts_at_least_T2_min_steps():
         DCSS(3, T2_min_steps=-1)
 
 
+def test_neighbor_embedding_pretraining_gives_u_that_kmeans_clusters_better():
+    """The neighbour-embedding term (input-space k-NN pairs, Cauchy kernel) on 400 digits as 64-d vectors: k-means
+    on ``u`` after pretraining beats k-means on the standardised input and on the plain autoencoder's ``u``."""
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = x[:400].astype(np.float32), y[:400]
+    xs = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+    base = evaluate(y, KMeans(10, n_init=10, random_state=0).fit_predict(xs))["acc"]
+    common = dict(mlp_hidden_dims=(64, 64), pretrain_epochs=60, phase1_epochs=0, phase2_epochs=0, verbose=False)
+    acc = {w: evaluate(y, DCSS(10, seed=0, neighbor_embedding_weight=w, **common).fit(x)
+                       .history_["labels_after_pretrain"])["acc"] for w in (0.0, 1.0)}
+    assert acc[1.0] >= base + 0.08 and acc[1.0] >= acc[0.0] + 0.08, (acc, base)
+    with pytest.raises(ValueError, match="neighbor_embedding_weight"):
+        DCSS(3, neighbor_embedding_weight=-1.0)
+    with pytest.raises(ValueError, match="neighbor_embedding_k"):
+        DCSS(3, neighbor_embedding_k=0)
+
+
 @pytest.mark.slow
 def test_default_recipe_on_digits_beats_kmeans():
     from sklearn.cluster import KMeans

@@ -254,6 +254,27 @@ def test_view_contrastive_loss_matches_naive():
     assert F.view_contrastive_loss(x, x, 0.1) < F.view_contrastive_loss(x, x.roll(1, 0), 0.1)
 
 
+def test_neighbor_embedding_loss_matches_naive_and_has_finite_gradients():
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    z = torch.cat([a, b])
+    total = 0.0
+    for i in range(8):
+        j = (i + 4) % 8
+        w = [1.0 / (1.0 + float(((z[i] - z[k]) ** 2).sum())) for k in range(8)]
+        total += -math.log(w[j] / sum(w[k] for k in range(8) if k != i))
+    assert F.neighbor_embedding_loss(a, b).item() == pytest.approx(total / 8, rel=1e-10)
+    # gradients equal finite differences, also where a row coincides with its partner (distance 0)
+    a2 = a.clone()
+    a2[0] = b[0]
+    assert torch.autograd.gradcheck(F.neighbor_embedding_loss, (a2.requires_grad_(), b.clone().requires_grad_()))
+    # partners close and far from the rest: small loss; the same points with shuffled partners: larger
+    x = torch.eye(5, dtype=torch.float64) * 10
+    assert F.neighbor_embedding_loss(x, x + 0.01) < F.neighbor_embedding_loss(x, x.roll(1, 0))
+    with pytest.raises(ValueError, match=r"\(B, d\)"):
+        F.neighbor_embedding_loss(a, b[:3])
+
+
 def test_balance_penalty_is_kl_to_uniform_and_known_positive_loss():
     q = torch.softmax(torch.randn(7, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 1)
     qbar = q.mean(0)
