@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="vectors: a PCA-started linear map beside the MLP autoencoder (default: off)")
     fit.add_argument("--neighbor-embedding", dest="neighbor_embedding_weight", type=_non_negative_float,
                      metavar="W", help="vectors: weight of the neighbour-embedding pretraining term (input-space "
-                                       "k-NN pairs, Cauchy kernel; 0: off)")
+                                       "k-NN pairs, Cauchy kernel; default 1 for vectors, 0 for images; 0: off)")
     fit.add_argument("--neighbor-embedding-k", dest="neighbor_embedding_k", type=_positive_int, metavar="K",
                      help="neighbours per sample in that term's input-space graph (default 10)")
     bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")

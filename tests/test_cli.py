@@ -173,7 +173,8 @@ def test_fit_linear_path_flag(tmp_path, flag, expected):
 
 
 @pytest.mark.parametrize("extra, weight, k", [
-    ([], 0.0, 10), (["--neighbor-embedding", "1", "--neighbor-embedding-k", "4"], 1.0, 4)])
+    ([], 1.0, 10), (["--neighbor-embedding", "0"], 0.0, 10),
+    (["--neighbor-embedding", "1", "--neighbor-embedding-k", "4"], 1.0, 4)])
 def test_fit_neighbor_embedding_flags(tmp_path, extra, weight, k):
     x, _ = blobs(dim=6)
     np.save(tmp_path / "X.npy", x)
