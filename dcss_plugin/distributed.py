@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["broadcast_buffers", "gather", "init_from_environment", "is_distributed", "launch", "mean_over_ranks", "rank",
-           "shard_bounds", "shard_sizes", "world_size"]
+           "resolve_device", "shard_bounds", "shard_sizes", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -163,3 +163,20 @@ def init_from_environment() -> bool:
     if size > 1 and dist.is_available() and not dist.is_initialized():
         dist.init_process_group(_default_backend(size), init_method="env://")
     return is_distributed()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` as a device; one GPU per rank under
+    DDP. Raises ``RuntimeError`` when CUDA is asked for and not available."""
+    if str(device) == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but CUDA is not available here; use device='cpu' or 'auto'.")
+    if dev.type == "cuda" and dev.index is None and is_distributed():
+        dev = torch.device("cuda", rank() % torch.cuda.device_count())  # one GPU per rank
+    return dev

@@ -9,7 +9,8 @@ from typing import Any, Dict
 
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_torch_save", "atomic_save_npy", "load_checkpoint"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_torch_save", "atomic_save_npy", "load_checkpoint",
+           "load_checkpoint_any"]
 
 
 def _atomic(path: str | os.PathLike, write) -> None:
@@ -50,6 +51,11 @@ def atomic_save_npy(path: str | os.PathLike, array) -> None:
 
 def load_checkpoint(path: str | os.PathLike, expected_format: str) -> Dict[str, Any]:
     """Load a checkpoint with ``weights_only=True`` (tensors and plain containers only) and check its format tag."""
+    return load_checkpoint_any(path, (expected_format,))
+
+
+def load_checkpoint_any(path: str | os.PathLike, formats: tuple) -> Dict[str, Any]:
+    """Like :func:`load_checkpoint`, accepting any of several format tags."""
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
@@ -61,7 +67,7 @@ def load_checkpoint(path: str | os.PathLike, expected_format: str) -> Dict[str, 
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"{path!r} could not be read as a DCSS checkpoint (corrupt, truncated, or not a "
                          f"checkpoint; only tensors and plain config are accepted): {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != expected_format:
+    if not isinstance(state, dict) or state.get("format") not in formats:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path!r} is not a {expected_format} checkpoint (found {found!r}).")
+        raise ValueError(f"{path!r} is not a DCSS checkpoint of a known format ({', '.join(formats)}; found {found!r}).")
     return state

@@ -1,0 +1,61 @@
+"""Nearest neighbours as known positive pairs: mined once (or every few epochs) on ``u``, one drawn per sample."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["mine_neighbors", "NeighborPositives"]
+
+
+def mine_neighbors(features: Tensor, k: int) -> Tensor:
+    """(N, k) indices of each row's k nearest other rows of ``features`` (N, D), Euclidean (scikit-learn).
+
+    Example:
+        >>> knn = mine_neighbors(u_all, k=5)       # (N, 5)
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    n = features.shape[0]
+    k = min(int(k), n - 1)
+    if k < 1:
+        raise ValueError(f"Need at least 2 rows and k >= 1 to find neighbours, got N={n}, k={k}.")
+    f_np = features.detach().flatten(1).cpu().numpy()
+    _, ind = NearestNeighbors(n_neighbors=k + 1).fit(f_np).kneighbors(f_np)
+    return torch.as_tensor(ind[:, 1:], dtype=torch.long)
+
+
+class NeighborPositives:
+    """Each sample's k nearest neighbours, re-mined every ``refresh_every`` epochs; draws one partner per sample.
+
+    Args:
+        k: neighbours per sample.
+        refresh_every: re-mine on :meth:`maybe_refresh` every this many epochs (0: never).
+        knn: an (N, k) table to start from (from :func:`mine_neighbors`, or a resumed run).
+
+    Example:
+        >>> positives = NeighborPositives(k=5, refresh_every=50, knn=mine_neighbors(encode_all(model, xn), 5))
+        >>> partner = positives.sample(idx, generator)            # (B,) row indices, one neighbour of each
+    """
+
+    def __init__(self, k: int, refresh_every: int = 0, knn: Optional[Tensor] = None) -> None:
+        self.k = int(k)
+        self.refresh_every = int(refresh_every)
+        self.knn = knn
+
+    def mine(self, features: Tensor) -> Tensor:
+        self.knn = mine_neighbors(features, self.k)
+        return self.knn
+
+    def due(self, epoch: int) -> bool:
+        """Whether the table is re-mined at the start of ``epoch``."""
+        return self.refresh_every > 0 and epoch > 0 and epoch % self.refresh_every == 0
+
+    def sample(self, idx: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """One random neighbour (row index) of each row in ``idx`` (B,)."""
+        if self.knn is None:
+            raise RuntimeError("No neighbour table yet: call mine(features) first.")
+        pick = torch.randint(self.knn.shape[1], (len(idx),), generator=generator)
+        return self.knn[idx, pick]

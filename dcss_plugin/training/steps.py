@@ -1,0 +1,190 @@
+"""One epoch of each phase. The estimator calls these; so can a user's loop (see ``examples/own_loop.py``).
+
+Every epoch function takes the normalised data through a :class:`Batches` (shuffled index batches drawn from one
+seeded generator, the augmentation, and this rank's shard under DDP) and a *forward* module
+(:class:`AutoencoderForward` or :class:`Phase2Forward`), which the estimator wraps in ``DistributedDataParallel``
+when several processes train. In one process ``Batches(xn, batch_size, generator)`` is all it takes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..data import shuffled_batches
+from ..distributed import gather
+from ..losses import CenteringLoss, DCSSLoss, PretrainLoss
+from .heads import HeadSelector
+from .neighbors import NeighborPositives
+from .passes import update_centers
+
+__all__ = ["Batches", "AutoencoderForward", "Phase2Forward", "pretrain_epoch", "phase1_epoch", "phase2_epoch"]
+
+
+@dataclass
+class Batches:
+    """Where an epoch's batches come from.
+
+    Args:
+        xn: (N, ...) normalised data (every rank holds all of it).
+        batch_size: global batch size.
+        generator: seeds the shuffling, the augmentations and the neighbour draws (reproducible runs).
+        device: where the model lives.
+        augment: ``augment(batch, generator)`` makes a random view (None: the batch itself).
+        world_size, rank: this process's place in a DDP group (1, 0 in one process).
+    """
+
+    xn: Tensor
+    batch_size: int
+    generator: torch.Generator
+    device: torch.device = torch.device("cpu")
+    augment: Optional[nn.Module] = None
+    world_size: int = 1
+    rank: int = 0
+
+    def epoch(self) -> List[Tensor]:
+        """Index batches of one shuffled epoch (global: every rank draws the same)."""
+        return shuffled_batches(len(self.xn), self.batch_size, self.generator)
+
+    def shard(self, batch: Tensor) -> Tensor:
+        """This rank's contiguous share of a global batch (all of it in one process)."""
+        n = len(batch)
+        base, extra = divmod(n, self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return batch[lo:lo + base + (1 if self.rank < extra else 0)]
+
+    def local_share(self, rows: int) -> float:
+        """world size x this rank's share of a global batch of ``rows`` (1 in one process)."""
+        return self.world_size * len(self.shard(torch.empty(rows, 0))) / rows
+
+    def view(self, batch: Tensor) -> Tensor:
+        """A random view of ``batch`` (on the device), or the batch itself without augmentation."""
+        batch = batch.to(self.device)
+        return self.augment(batch, self.generator) if self.augment is not None else batch
+
+
+class AutoencoderForward(nn.Module):
+    """``xn -> (u, x_hat)`` through a model's encoder and decoder (a module, so DDP can wrap it)."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, xn: Tensor) -> Tuple[Tensor, Tensor]:
+        u = self.encoder(xn)
+        return u, self.decoder(u)
+
+
+class Phase2Forward(nn.Module):
+    """``xn -> (u, [q of every head])`` (a module, so DDP can wrap it)."""
+
+    def __init__(self, encoder: nn.Module, heads: nn.ModuleList) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.heads = heads
+
+    def forward(self, xn: Tensor) -> Tuple[Tensor, List[Tensor]]:
+        u = self.encoder(xn)
+        return u, [head(u) for head in self.heads]
+
+
+def _step(opt: torch.optim.Optimizer, loss: Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def pretrain_epoch(model: nn.Module, forward: nn.Module, loss_fn: PretrainLoss, opt: torch.optim.Optimizer,
+                   batches: Batches, neighbors: Optional[Tensor] = None) -> float:
+    """One epoch of pretraining; returns the mean loss.
+
+    Without a pair term the input is one view of each sample (a denoising autoencoder when ``batches.augment``
+    is set). With ``loss_fn.contrastive_weight`` it is two views ``[a; b]``; with
+    ``loss_fn.neighbor_embedding_weight`` it is each sample and one of its input-space ``neighbors`` (N, k).
+    """
+    model.train()
+    total, n = 0.0, len(batches.xn)
+    for idx in batches.epoch():
+        xb = batches.xn[idx].to(batches.device)
+        share = batches.local_share(len(idx))
+        if loss_fn.neighbor_embedding_weight > 0:
+            if neighbors is None:
+                raise ValueError("neighbor_embedding_weight > 0 needs the input-space neighbours (N, k).")
+            pick = torch.randint(neighbors.shape[1], (len(idx),), generator=batches.generator)
+            xnb = batches.xn[neighbors[idx, pick]].to(batches.device)
+            inputs = torch.cat([batches.shard(batches.view(xb)), batches.shard(batches.view(xnb))])
+            target = torch.cat([model.reconstruction_target(batches.shard(xb)),
+                                model.reconstruction_target(batches.shard(xnb))])
+        elif loss_fn.contrastive_weight > 0:
+            inputs = torch.cat([batches.shard(batches.view(xb)), batches.shard(batches.view(xb))])
+            target = model.reconstruction_target(batches.shard(xb))
+        else:
+            target = model.reconstruction_target(batches.shard(xb))
+            inputs = batches.shard(batches.view(xb))
+        u, x_hat = forward(inputs)
+        loss = loss_fn(x_hat, target, u if loss_fn.paired else None, local_share=share)
+        _step(opt, loss)
+        total += loss.item() * len(idx)
+    return total / n
+
+
+def phase1_epoch(model: nn.Module, forward: nn.Module, loss_fn: CenteringLoss, opt: torch.optim.Optimizer,
+                 batches: Batches, update: bool) -> float:
+    """One epoch of Phase 1 (the K cluster-specific losses in one pass, ``p`` fixed within a step); with
+    ``update`` (every T1 epochs) the centers are then re-estimated in an eval-mode pass. Returns the mean loss."""
+    model.train()
+    total, n = 0.0, len(batches.xn)
+    for idx in batches.epoch():
+        xb = batches.shard(batches.xn[idx]).to(batches.device)
+        share = batches.local_share(len(idx))
+        u, x_hat = forward(xb)
+        target = model.reconstruction_target(xb)
+        loss = loss_fn(target, x_hat.view_as(target), u, model.centers.centers, model.centers(u.detach())) * share
+        _step(opt, loss)
+        total += loss.item() * len(idx)
+    if update:  # each rank adds its shard of the data; the update all-reduces
+        update_centers(model, batches.shard(batches.xn))
+    return total / n
+
+
+def phase2_epoch(model: nn.Module, forward: nn.Module, loss_fn: DCSSLoss, opt: torch.optim.Optimizer,
+                 batches: Batches, positives: Optional[NeighborPositives] = None,
+                 selector: Optional[HeadSelector] = None) -> Dict[str, float]:
+    """One epoch of Phase 2 with every head of ``model``; call ``loss_fn.set_epoch(epoch)`` first.
+
+    Known positives: with ``positives`` each sample is paired with one of its neighbours, both as random views;
+    with only ``batches.augment``, two views of each sample; with neither, the paper's plain batches. Returns the
+    mean loss (per head) and the share of pairs above ``zeta`` (head 0).
+    """
+    model.train()
+    paired = batches.augment is not None or positives is not None
+    if selector is not None:
+        selector.start_epoch()
+    total, pos_total, n = 0.0, 0.0, len(batches.xn)
+    for idx in batches.epoch():
+        xa, b = batches.xn[idx], len(idx)
+        share = batches.local_share(b)
+        if paired:
+            xb = batches.xn[positives.sample(idx, batches.generator)] if positives is not None else xa
+            inputs = torch.cat([batches.shard(batches.view(xa)), batches.shard(batches.view(xb))])
+        else:
+            inputs = batches.shard(xa).to(batches.device)
+        u, qs = forward(inputs)
+        p = None if loss_fn.q_space else model.centers(u.detach())
+        loss = u.new_zeros(())
+        for h, q in enumerate(qs):
+            loss_h = loss_fn(q, p, known_positives=paired, local_share=share)
+            if h == 0:
+                pos_total += loss_fn.last_positive_share.item() * b  # type: ignore[union-attr]
+            if selector is not None:
+                selector.add(h, loss_h.item(), b)
+            loss = loss + loss_h
+        _step(opt, loss)
+        total += loss.item() / len(qs) * b
+    if selector is not None:
+        selector.end_epoch(n)
+    return {"loss": total / n, "positive_pair_share": pos_total / n}
