@@ -1,23 +1,22 @@
 """DCSS inside Lightly self-supervised pipelines: a cluster head and a cluster loss beside the SSL head and loss.
 
-Imported as ``dcss_plugin.adapters.lightly``; Lightly (and, for :func:`fit_lightly`, nothing else heavy) is
-imported here and nowhere in ``dcss_plugin`` itself.
+Imported as ``dcss_plugin.adapters.lightly``; Lightly is imported here and nowhere in ``dcss_plugin`` itself.
 
 A Lightly model is ``backbone -> h -> projection head -> z -> SSL loss`` (e.g. SimCLR: ``SimCLRProjectionHead`` and
 ``NTXentLoss`` on two augmented views). DCSS adds a second branch on the same backbone features ``u = h``::
 
     u ──SimCLRProjectionHead──▶ z ──NTXentLoss(z0, z1)
-      └─DCSSClusterHead──────▶ q ──DCSSClusterLoss(q0, q1)        labels = argmax q
+      └─DCSSClusterHead──────▶ q ──DCSSClusterLoss(q0, q1[, p0, p1])        labels = argmax q
 
-* :class:`DCSSClusterHead`: the paper's MNet (``u -> q``, Linear-BN-ReLU x2, Linear, softmax). It *is* a
-  :class:`dcss_plugin.DCSSHead`, so the estimator, ``DCSS.load`` and the ONNX export take it as it is.
-* :class:`DCSSClusterLoss`: the DCSS pairwise loss on the 2B soft assignments of the two views, with the two views
-  of one image as a known similar pair, plus a guard against a single cluster (see the class doc for why it is
-  needed). ``gather_distributed=True`` forms pairs across all ranks, as Lightly's ``NTXentLoss`` does.
-* :class:`BatchSimCLRViews`: SimCLR's augmentations (random resized crop, rotation, brightness/contrast jitter) for
-  a whole batch of image tensors at once, each image with its own parameters. Lightly's ``SimCLRTransform``
-  works per image (PIL or tensor, ~0.8 ms per 8x8 view on one CPU core, i.e. ~3 s per epoch of digits);
-  :func:`simclr_transform` configures that Lightly transform for small grayscale images for ``Dataset`` pipelines.
+* :class:`DCSSClusterHead`: the paper's MNet (``u -> q``). It *is* a :class:`dcss_plugin.DCSSHead`, so
+  :class:`dcss_plugin.DCSSModel`, ``DCSS.load`` and the ONNX export take it as it is.
+* :class:`DCSSClusterLoss`: the default Phase-2 objective :class:`dcss_plugin.DCSSLoss` (the one the estimator
+  trains with) in Lightly's two-view calling convention: the two views of an image are its known positive pair.
+  ``gather_distributed=True`` forms pairs across all ranks, as Lightly's ``NTXentLoss`` does.
+* :class:`BatchSimCLRViews`: SimCLR's augmentations for a whole batch of image tensors at once;
+  :func:`simclr_transform` configures Lightly's own per-image ``SimCLRTransform`` for small grayscale images.
+* :class:`SimCLRClusterModel` and :func:`simclr_dcss_epoch`: a :class:`dcss_plugin.DCSSModel` with a SimCLR
+  projection head beside it, and one epoch of SimCLR (+ DCSS).
 * :func:`fit_lightly` / :func:`fit_from_cli_args`: the whole recipe (SimCLR warm-up, k-means on ``u``, then SimCLR +
   DCSS jointly) returning a fitted :class:`dcss_plugin.DCSS`; ``dcss fit --ssl simclr`` uses it.
 
@@ -36,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -47,18 +45,17 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from dcss_plugin import __version__
-from dcss_plugin import distributed as dist
-from dcss_plugin.autoencoders import ConvAutoencoder
-from dcss_plugin.centers import ClusterCenters
 from dcss_plugin.config import DCSSConfig
-from dcss_plugin.data import (DataError, InputNormalizer, as_tensor, data_fingerprint, shuffled_batches,
-                              validate_features)
-from dcss_plugin.estimator import DCSS, _resolve_device
-from dcss_plugin.functional import balance_penalty
+from dcss_plugin.data import DataError, as_tensor, data_fingerprint, validate_features
+from dcss_plugin.distributed import gather, resolve_device
+from dcss_plugin.estimator import DCSS
 from dcss_plugin.heads import DCSSHead
-from dcss_plugin.io import atomic_torch_save, load_checkpoint
-from dcss_plugin.losses import PairwiseSimilarityLoss
+from dcss_plugin.losses import DCSSLoss
+from dcss_plugin.model import DCSSModel, Normalize
+from dcss_plugin.nets import ConvEncoder
+from dcss_plugin.training import Batches, init_centers
+from dcss_plugin.training.optim import adam, param_groups
+from dcss_plugin.training.run import TrainingRun
 
 __all__ = [
     "DCSSClusterHead",
@@ -66,15 +63,14 @@ __all__ = [
     "BatchSimCLRViews",
     "simclr_transform",
     "SimCLRClusterModel",
+    "simclr_dcss_epoch",
     "fit_lightly",
     "fit_from_cli_args",
     "SSL_METHODS",
 ]
 
-log = logging.getLogger("dcss_plugin")
-
 SSL_METHODS = ("simclr",)
-PROGRESS_FORMAT = "dcss-plugin/lightly-progress-v1"
+Callback = Callable[[str, int, Dict[str, float]], None]
 
 
 # ---------------------------------------------------------------------------------------------------- head
@@ -83,7 +79,8 @@ class DCSSClusterHead(DCSSHead):
 
     ``(Linear-BN-ReLU) x len(hidden_dims), Linear, softmax over K``. It sits beside the SSL projection head on the
     same backbone output. It is a :class:`dcss_plugin.DCSSHead` (same layers and ``state_dict`` keys), so a trained
-    head can be placed into a :class:`dcss_plugin.DCSS` model, saved and exported to ONNX unchanged.
+    head loads into a :class:`dcss_plugin.DCSSModel` (``model.head.load_state_dict(head.state_dict())``), which is
+    saved, loaded and exported to ONNX.
 
     Args:
         input_dim: width ``d`` of the backbone features ``u``.
@@ -144,41 +141,42 @@ def _check_assignments(name: str, q: Tensor) -> None:
                              "softmax output q, not logits.")
 
 
+
+
 class DCSSClusterLoss(nn.Module):
-    """DCSS pairwise-similarity loss for two augmented views, in the style of Lightly's losses.
+    """The DCSS objective for two augmented views, in the calling convention of Lightly's losses.
 
-    The 2B assignments ``q = [q0; q1]`` of the two views are compared pair by pair, as in Phase 2 of DCSS
-    (Sadeghi & Armanfard, arXiv 2405.03590)::
+    A thin wrapper over :class:`dcss_plugin.DCSSLoss`, the default Phase-2 objective the estimator trains with
+    (Sadeghi & Armanfard, arXiv 2405.03590): ``loss(q0, q1, p0, p1)`` is ``DCSSLoss(torch.cat([q0, q1]),
+    p=torch.cat([p0, p1]), known_positives=True)``, i.e. on the 2B rows ``q = [q0; q1]``::
 
-        L_pair = [s_ij > zeta] (1 - q_i . q_j)  +  [s_ij < gamma] q_i . q_j        (pairs i != j of the 2B rows)
+        L_pair(q, s)  +  mean_i -log(q0_i . q1_i)  +  balance_weight * max(0, KL(mean q || uniform) - tolerance)
 
-    The target similarity ``s`` is ``p pᵀ`` when memberships ``p0, p1`` are given (the paper's u-space stage,
-    first T2 epochs, ``p`` from :class:`dcss_plugin.ClusterCenters`) and ``(q qᵀ).detach()`` otherwise (q-space
-    stage). **Known positives:** the two views of one image are set to ``s_ij = 1`` whatever ``p``/``q`` say, so they
-    are always pulled; the thresholded pairs of the paper are kept as they are. (This uses
-    ``PairwiseSimilarityLoss(sample_ids=...)`` with view ``i`` of both halves sharing an id.) With
-    ``reduction="balanced"`` the pulled and the pushed pairs each contribute their mean, so the few similar pairs of
-    a batch with many clusters are not drowned by the dissimilar ones. Two optional terms follow:
-
-    * ``positive_weight * mean_i -log(q0_i . q1_i)``: a pull on the view pairs whose gradient does not vanish
-      when the two views disagree completely (the linear ``1 - q0_i . q1_i`` is flat there).
-    * ``balance_weight * KL(mean q || uniform)``: the guard against collapse. A hard partition has zero pairwise
-      loss under ``q qᵀ`` targets whatever the partition, a single cluster included (every pair then has
-      ``s_ij = 1`` and ``q_i . q_j = 1``), and the view positives only ever pull; this term, which is 0 when the
-      clusters are used evenly over the batch, makes one cluster costly.
+    * ``L_pair``: pairs (i != j with ``exclude_self``) with ``s_ij > zeta`` are pulled (``1 - q_i . q_j``), pairs with
+      ``s_ij < gamma`` pushed (``q_i . q_j``); ``reduction="balanced"`` averages the pulled and the pushed pairs
+      separately. The targets are ``s = p p^T`` when memberships ``p0, p1`` are given (the paper's u-space stage,
+      the first T2 epochs, ``p`` from :class:`dcss_plugin.ClusterCenters`) and ``s = (q q^T).detach()`` otherwise
+      (the q-space stage).
+    * Known positives: row i of ``q0`` and row i of ``q1`` are two views of one image. They are pulled by
+      ``-log(q0_i . q1_i)``, whose gradient does not vanish when the views disagree completely; in ``L_pair`` they
+      are pairs like any other (their ``s_ij`` is not overridden).
+    * The balance guard: under ``q q^T`` targets any hard partition, a single cluster included, has zero pairwise
+      loss, and the view pull only ever pulls; the guard makes one cluster costly.
 
     Args:
         zeta: similar-pair threshold (paper: 0.8).
         gamma: dissimilar-pair threshold (paper: 0.2).
         reduction: ``"balanced"`` (default), ``"mean"`` (paper: over all selected pairs) or ``"sum"``.
         exclude_self: drop the ``i == j`` pairs (their ``q_i . q_i`` says nothing about clusters).
-        positive_weight: weight of the ``-log(q0 . q1)`` view-pair term (0: off).
-        balance_weight: weight of the ``KL(mean q || uniform)`` guard (0: off; then expect collapse).
-        gather_distributed: if True and a process group is running, the assignments of all ranks are gathered
-            (with gradients, :func:`dcss_plugin.distributed.gather`) before pairs are formed: pairs across ranks
-            count, the balance term sees the global batch, and every rank computes the same loss, the one a
-            single process would compute on the global batch. DDP's gradient averaging then gives exactly the
-            single-process gradient.
+        balance_weight: weight of the guard (0: off; then expect collapse).
+        balance_tolerance: nats of divergence from even cluster sizes the guard lets pass.
+        gather_distributed: if True and a process group is running, the assignments (and memberships) of all
+            ranks are gathered first (with gradients, :func:`dcss_plugin.distributed.gather`), so every rank
+            computes the loss of the global batch, the one a single process would compute on it; DDP's gradient
+            averaging then gives exactly the single-process gradient.
+
+    Attributes:
+        objective: the :class:`dcss_plugin.DCSSLoss` doing the work.
 
     Shapes:
         ``q0``, ``q1``: (B, K) soft assignments of view 0 and view 1 (row ``i`` of both is the same image);
@@ -191,42 +189,29 @@ class DCSSClusterLoss(nn.Module):
     Examples:
         >>> loss_fn = DCSSClusterLoss()
         >>> x0, x1 = transform(x), transform(x)                  # two augmented views of the batch
-        >>> q0, q1 = head(backbone(x0)), head(backbone(x1))      # (B, K) each
-        >>> loss = loss_fn(q0, q1)                               # q-space targets
+        >>> u0, u1 = backbone(x0), backbone(x1)
+        >>> q0, q1 = head(u0), head(u1)                          # (B, K) each
         >>> loss = loss_fn(q0, q1, centers(u0.detach()), centers(u1.detach()))   # u-space targets (first T2 epochs)
+        >>> loss = loss_fn(q0, q1)                               # q-space targets afterwards
     """
 
-    def __init__(
-        self,
-        zeta: float = 0.8,
-        gamma: float = 0.2,
-        reduction: str = "balanced",
-        exclude_self: bool = True,
-        positive_weight: float = 1.0,
-        balance_weight: float = 5.0,
-        gather_distributed: bool = False,
-    ) -> None:
+    def __init__(self, zeta: float = 0.8, gamma: float = 0.2, reduction: str = "balanced", exclude_self: bool = True,
+                 balance_weight: float = 5.0, balance_tolerance: float = 0.0, gather_distributed: bool = False) -> None:
         super().__init__()
         if reduction not in ("balanced", "mean", "sum"):
             raise ValueError(f"reduction must be 'balanced', 'mean' or 'sum' (a scalar loss), got {reduction!r}.")
-        if positive_weight < 0 or balance_weight < 0:
-            raise ValueError(f"positive_weight and balance_weight must be >= 0, got {positive_weight} and "
-                             f"{balance_weight}.")
-        self.pairwise = PairwiseSimilarityLoss(zeta=zeta, gamma=gamma, reduction=reduction,
-                                               exclude_self=exclude_self, gather_distributed=gather_distributed)
-        self.zeta = zeta
-        self.gamma = gamma
-        self.reduction = reduction
-        self.exclude_self = exclude_self
-        self.positive_weight = float(positive_weight)
-        self.balance_weight = float(balance_weight)
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError("gather_distributed=True needs torch.distributed, which this torch build lacks.")
+        # u_stage_epochs=1: forward picks the stage from whether p is given (epoch 0: s = p p^T; epoch 1: s = q q^T)
+        self.objective = DCSSLoss(zeta, gamma, u_stage_epochs=1, reduction=reduction, exclude_self=exclude_self,
+                                  balance_weight=balance_weight, balance_tolerance=balance_tolerance)
         self.gather_distributed = gather_distributed
 
     def forward(self, q0: Tensor, q1: Tensor, p0: Optional[Tensor] = None, p1: Optional[Tensor] = None) -> Tensor:
-        """Loss of the assignments ``q0``, ``q1`` (B, K) of two views; targets ``p0 p0ᵀ``-style if ``p`` given.
+        """Loss of the assignments ``q0``, ``q1`` (B, K) of two views; u-space targets ``p p^T`` if ``p`` is given.
 
         Returns:
-            Scalar loss (identical on every rank under ``gather_distributed``).
+            Scalar loss (the same on every rank under ``gather_distributed``).
         """
         _check_assignments("q0", q0)
         _check_assignments("q1", q1)
@@ -235,32 +220,24 @@ class DCSSClusterLoss(nn.Module):
                              f"got {tuple(q0.shape)} and {tuple(q1.shape)}.")
         if (p0 is None) != (p1 is None):
             raise ValueError("Give memberships for both views (p0 and p1) or for neither.")
-        target = None
+        p = None
         if p0 is not None and p1 is not None:
-            for name, p in (("p0", p0), ("p1", p1)):
-                if p.shape != q0.shape:
-                    raise ValueError(f"{name} must have q0's shape {tuple(q0.shape)}, got {tuple(p.shape)}.")
-                _check_assignments(name, p)
-            target = torch.cat([p0, p1]).detach().to(q0.dtype)
-        b = q0.shape[0]
-        q = torch.cat([q0, q1])
-        # view i of both halves share an id; ids are made unique across ranks for the gathered pair matrix
-        ids = torch.arange(b, device=q.device, dtype=torch.long)
+            for name, pv in (("p0", p0), ("p1", p1)):
+                if pv.shape != q0.shape:
+                    raise ValueError(f"{name} must have q0's shape {tuple(q0.shape)}, got {tuple(pv.shape)}.")
+                _check_assignments(name, pv)
+            p = self._rows(p0.detach().to(q0.dtype), p1.detach().to(q0.dtype))
+        self.objective.set_epoch(0 if p is not None else self.objective.u_stage_epochs)
+        return self.objective(self._rows(q0, q1), p, known_positives=True)
+
+    def _rows(self, a: Tensor, b: Tensor) -> Tensor:
+        """``[a; b]`` (2B, K), of the global batch under ``gather_distributed`` (row i of both halves one image)."""
         if self.gather_distributed:
-            ids = ids + (dist.rank() << 32)
-        loss = self.pairwise(q, target=target, sample_ids=ids.repeat(2))
-        gather = dist.gather if self.gather_distributed else (lambda t: t)
-        if self.positive_weight > 0:
-            dot = (q0 * q1).sum(1)
-            loss = loss + self.positive_weight * (-gather(dot).clamp_min(1e-8).log().mean())
-        if self.balance_weight > 0:
-            loss = loss + self.balance_weight * balance_penalty(gather(q))
-        return loss
+            a, b = gather(torch.cat([a, b], 1)).chunk(2, dim=1)
+        return torch.cat([a, b])
 
     def extra_repr(self) -> str:
-        return (f"zeta={self.zeta}, gamma={self.gamma}, reduction={self.reduction!r}, "
-                f"exclude_self={self.exclude_self}, positive_weight={self.positive_weight}, "
-                f"balance_weight={self.balance_weight}, gather_distributed={self.gather_distributed}")
+        return f"gather_distributed={self.gather_distributed}"
 
 
 # ---------------------------------------------------------------------------------------------------- views
@@ -360,104 +337,177 @@ def simclr_transform(input_size: int = 8, **kwargs: Any):
     return SimCLRTransform(**settings)
 
 
+
+
 # ---------------------------------------------------------------------------------------------------- model
 class SimCLRClusterModel(nn.Module):
-    """Backbone + Lightly ``SimCLRProjectionHead`` (SSL branch) + :class:`DCSSClusterHead` (clustering branch).
+    """A :class:`dcss_plugin.DCSSModel` (its encoder is the SimCLR backbone) with Lightly's ``SimCLRProjectionHead``
+    beside it: ``xn -> u -> (z, q)``.
 
-    The backbone is the encoder of a :class:`dcss_plugin.ConvAutoencoder` (its decoder is not trained), so the
-    fitted model is stored as a plain DCSS checkpoint that ``DCSS.load`` and ``dcss export`` read.
+    The projection head only serves training (NT-Xent on ``z``); what is saved, loaded and exported is
+    :attr:`dcss`, a plain DCSS model.
 
     Args:
-        image_shape: (C, H, W).
-        num_clusters: K.
-        latent_dim: width of the backbone features ``u``.
-        channels: conv stage widths of the backbone.
+        dcss: the DCSS model: normalisation, backbone (``encoder``), centers, cluster head.
         projection_dims: (hidden, output) widths of the SimCLR projection head.
-        head_hidden_dims: hidden widths of the cluster head.
+
+    Shapes:
+        ``xn`` (B, C, H, W) normalised (``dcss.normalize(x)``); returns ``u`` (B, d), ``z`` (B, projection_dims[1])
+        and ``q`` (B, K).
 
     Example:
-        >>> model = SimCLRClusterModel((1, 8, 8), num_clusters=10)
-        >>> u, z, q = model(x)                   # (B, d), (B, 64), (B, 10)
+        >>> from dcss_plugin.nets import ConvEncoder
+        >>> dcss = DCSSModel(ConvEncoder((1, 8, 8), latent_dim=32), n_clusters=10, latent_dim=32)
+        >>> model = SimCLRClusterModel(dcss)
+        >>> u, z, q = model(dcss.normalize(x))          # (B, 32), (B, 64), (B, 10)
     """
 
-    def __init__(self, image_shape: Sequence[int], num_clusters: int, latent_dim: int = 32,
-                 channels: Sequence[int] = (32, 64, 128), projection_dims: Tuple[int, int] = (128, 64),
-                 head_hidden_dims: Sequence[int] = (128, 128)) -> None:
+    def __init__(self, dcss: DCSSModel, projection_dims: Tuple[int, int] = (128, 64)) -> None:
         super().__init__()
         from lightly.models.modules import SimCLRProjectionHead
 
-        self.autoencoder = ConvAutoencoder(image_shape, latent_dim=latent_dim, channels=channels)
-        self.projection_head = SimCLRProjectionHead(latent_dim, projection_dims[0], projection_dims[1])
-        self.cluster_head = DCSSClusterHead(latent_dim, num_clusters, head_hidden_dims)
+        self.dcss = dcss
+        self.projection_head = SimCLRProjectionHead(dcss.latent_dim, int(projection_dims[0]), int(projection_dims[1]))
 
-    def backbone(self, x: Tensor) -> Tensor:
-        return self.autoencoder.encode(x)
+    def forward(self, xn: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        u = self.dcss.encoder(xn)
+        return u, self.projection_head(u), self.dcss.head(u)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        u = self.backbone(x)
-        return u, self.projection_head(u), self.cluster_head(u)
+
+def simclr_dcss_epoch(model: SimCLRClusterModel, ssl_loss: nn.Module, opt: torch.optim.Optimizer, batches: Batches,
+                      cluster_loss: Optional[DCSSLoss] = None) -> Dict[str, float]:
+    """One epoch of SimCLR on two views of every batch, plus the DCSS objective when ``cluster_loss`` is given.
+
+    Per batch of B samples: ``u = encoder([view(x); view(x)])`` (2B, d), ``loss = ssl_loss(z[:B], z[B:])`` with
+    ``z = projection_head(u)``, plus ``cluster_loss(head(u), p, known_positives=True)``: the two views of a sample
+    are its known positive pair, and ``p = centers(u.detach())`` are the targets in the u-space stage (call
+    ``cluster_loss.set_epoch(epoch)`` before each epoch). ``batches.augment`` makes the views.
+
+    Returns:
+        The epoch's mean ``loss``, ``ssl_loss`` and ``cluster_loss`` (0 without ``cluster_loss``).
+
+    Example:
+        >>> batches = Batches(dcss.normalize(x), 256, torch.Generator().manual_seed(0), augment=BatchSimCLRViews())
+        >>> simclr_dcss_epoch(model, NTXentLoss(), opt, batches)                   # SimCLR warm-up
+        >>> loss_fn.set_epoch(epoch)
+        >>> simclr_dcss_epoch(model, NTXentLoss(), opt, batches, loss_fn)          # SimCLR + DCSS
+    """
+    if batches.augment is None:
+        raise ValueError("SimCLR needs two random views of each batch: give Batches an augment (BatchSimCLRViews()).")
+    model.train()
+    dcss = model.dcss
+    totals = np.zeros(3)
+    for idx in batches.epoch():
+        xb, b = batches.xn[idx], len(idx)
+        u = dcss.encoder(torch.cat([batches.view(xb), batches.view(xb)]))
+        z = model.projection_head(u)
+        ssl = ssl_loss(z[:b], z[b:])
+        clu = u.new_zeros(())
+        if cluster_loss is not None:
+            p = None if cluster_loss.q_space else dcss.centers(u.detach())
+            clu = cluster_loss(dcss.head(u), p, known_positives=True)
+        loss = ssl + clu
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        totals += np.array([loss.item(), ssl.item(), clu.item()]) * b
+    loss_mean, ssl_mean, clu_mean = (totals / len(batches.xn)).tolist()
+    return {"loss": loss_mean, "ssl_loss": ssl_mean, "cluster_loss": clu_mean}
 
 
 # ---------------------------------------------------------------------------------------------------- fitting
-def _epochs_or(value: Optional[int], default: int) -> int:
-    if value is None:
-        return default
-    if int(value) < 0:
-        raise ValueError(f"Epoch counts must be >= 0, got {value}.")
-    return int(value)
-
-
 def fit_lightly(x: Any, n_clusters: int, ssl: str = "simclr", *, temperature: float = 0.5,
-                positive_weight: float = 1.0, balance_weight: float = 5.0, views: Optional[nn.Module] = None,
-                preset: str = "default", device: str = "auto", verbose: bool = False,
-                callback: Optional[Callable[[str, int, Dict[str, float]], None]] = None,
+                views: Optional[nn.Module] = None, preset: str = "default", device: str = "auto",
+                verbose: bool = False, callback: Optional[Callback] = None,
                 checkpoint_path: Optional[Union[str, os.PathLike]] = None, resume: bool = False,
-                **dcss_kwargs: Any) -> DCSS:
+                checkpoint_every_s: float = 10.0, **options: Any) -> DCSS:
     """Cluster images with SimCLR (Lightly) + DCSS in one model; returns a fitted :class:`dcss_plugin.DCSS`.
 
     Recipe (labels are never read):
 
-    1. ``pretrain``: SimCLR alone — backbone + ``SimCLRProjectionHead`` + ``NTXentLoss`` on two views from
-       :class:`BatchSimCLRViews` (``pretrain_epochs``, default 100).
-    2. k-means on ``u`` initialises :class:`~dcss_plugin.ClusterCenters` (``labels_after_pretrain``). There is no
-       Phase 1 (it needs a decoder): ``phase1`` has 0 epochs and ``labels_after_phase1`` equals
+    1. ``pretrain``: SimCLR alone: backbone (a :class:`dcss_plugin.nets.ConvEncoder`) + ``SimCLRProjectionHead`` +
+       ``NTXentLoss`` on two views from :class:`BatchSimCLRViews` (``pretrain_epochs``, default 100).
+    2. k-means on ``u`` (:func:`dcss_plugin.training.init_centers`) sets the centers (``labels_after_pretrain``).
+       There is no Phase 1 (it needs a decoder): ``phase1`` has 0 epochs and ``labels_after_phase1`` equals
        ``labels_after_pretrain``.
-    3. ``phase2``: SimCLR + DCSS jointly, ``NTXentLoss(z0, z1) + DCSSClusterLoss(q0, q1[, p0, p1])``, with u-space
-       targets ``p`` for the first ``T2`` epochs and q-space targets afterwards (``phase2_epochs``, default 100).
+    3. ``phase2``: SimCLR + DCSS jointly, ``NTXentLoss(z0, z1) + DCSSLoss([q0; q1], p, known_positives=True)``
+       (:func:`simclr_dcss_epoch`), with u-space targets ``p`` for the first ``T2`` epochs, then q-space targets
+       (``phase2_epochs``, default 100).
 
     Args:
         x: images (N, H, W) or (N, C, H, W) (array, tensor, Dataset or DataLoader); scaled to [0, 1] by one scalar.
         n_clusters: K.
         ssl: the self-supervised method; ``"simclr"`` (the only one for now).
         temperature: NT-Xent temperature.
-        positive_weight, balance_weight: see :class:`DCSSClusterLoss`.
         views: a batch augmentation ``views(x, generator)``; default :class:`BatchSimCLRViews`.
         preset, device, verbose: as :class:`dcss_plugin.DCSS`.
         callback: ``callback(phase, epoch, stats)`` after every epoch.
-        checkpoint_path: the full training state is written there atomically after every epoch.
+        checkpoint_path: the progress file (:class:`dcss_plugin.training.run.TrainingRun`), written atomically
+            after the first epoch, at the start of the joint phase and every ``checkpoint_every_s`` seconds.
         resume: continue from ``checkpoint_path`` (same data and settings); ends with the labels of an
             uninterrupted run on CPU.
-        **dcss_kwargs: DCSS config fields: ``latent_dim`` (default 32 here), ``pretrain_epochs``,
-            ``phase2_epochs``, ``batch_size``, ``lr``, ``zeta``, ``gamma``, ``T2``, ``m``, ``conv_channels``,
-            ``head_hidden_dims``, ``exclude_self``, ``pair_reduction``, ``seed``.
+        **options: DCSS config options: ``latent_dim`` (default 32 here), ``pretrain_epochs``, ``phase2_epochs``,
+            ``batch_size``, ``lr``, ``zeta``, ``gamma``, ``T2``, ``m``, ``conv_channels``, ``head_hidden_dims``,
+            ``exclude_self``, ``pair_reduction``, ``balance_weight``, ``balance_tolerance``, ``kmeans_init``
+            (default ``"euclidean"`` here), ``seed``. One cluster head is trained (``num_heads=1``).
 
     Returns:
-        A fitted DCSS whose encoder is the SimCLR backbone and whose head is the trained cluster head:
-        ``labels_``, ``history_``, ``predict``, ``predict_proba``, ``transform``, ``save`` (loadable with
-        ``DCSS.load``), ONNX export.
+        A fitted DCSS (``model_``, ``labels_``, ``config_``, ``input_shape_``, ``history_``) whose model's encoder
+        is the SimCLR backbone: ``predict``, ``predict_proba``, ``transform``, ``save`` (read by ``DCSS.load``),
+        ONNX export. Its parameters record the settings; ``fit`` on it (or on a clone) runs the plain recipe.
+
+    Example:
+        >>> from sklearn.datasets import load_digits
+        >>> est = fit_lightly(load_digits().images, 10, seed=0)
+        >>> est.labels_[:5], est.model_.encoder
     """
-    if ssl not in SSL_METHODS:
-        raise ValueError(f"ssl={ssl!r} is not supported; choose one of {SSL_METHODS}.")
     from lightly.loss import NTXentLoss
 
-    dcss_kwargs.setdefault("latent_dim", 32)
-    if dcss_kwargs.get("phase1_epochs") not in (None, 0):
+    cfg = _lightly_config(n_clusters, ssl, preset, options)
+    xt = _images(x, cfg, ssl)
+    dev = resolve_device(device)
+    views = (views if views is not None else BatchSimCLRViews()).to(dev)
+    settings = {"ssl": ssl, "temperature": float(temperature), "views": repr(views)}
+    epochs = {"pretrain": 100 if cfg.pretrain_epochs is None else cfg.pretrain_epochs, "phase1": 0,
+              "phase2": 100 if cfg.phase2_epochs is None else cfg.phase2_epochs}
+    fingerprint = data_fingerprint(xt) if checkpoint_path is not None else None
+    run = TrainingRun({**cfg.to_dict(), "lightly": settings}, fingerprint, epochs, cfg.seed, checkpoint_path, resume,
+                      checkpoint_every_s, callback, verbose,
+                      history={"device": str(dev), "n_samples": len(xt), "ssl": settings, "ssl_loss": [],
+                               "cluster_loss": []})
+    torch.manual_seed(cfg.seed)
+    model = _build_model(cfg, xt, settings)
+    xn = model.dcss.normalize(xt).contiguous()
+    model.to(dev)
+    batches = Batches(xn, cfg.batch_size, run.generator, dev, views)
+    run.restore(model)
+    ntxent = NTXentLoss(temperature=temperature)
+    if run.todo("pretrain"):
+        _warm_up(model, ntxent, batches, cfg, run)
+        _init_centers(model.dcss, batches, cfg, run)
+        run.save("phase2", 0, model, None)
+    _joint(model, ntxent, batches, cfg, run)
+    return _fitted_estimator(model.dcss, cfg, xt, run, dev, verbose)
+
+
+def _lightly_config(n_clusters: int, ssl: str, preset: str, options: Dict[str, Any]) -> DCSSConfig:
+    """The validated, resolved config of a SimCLR run (what is recorded is what is trained)."""
+    if ssl not in SSL_METHODS:
+        raise ValueError(f"ssl={ssl!r} is not supported; choose one of {SSL_METHODS}.")
+    options = dict(options)
+    if options.get("phase1_epochs") not in (None, 0):
         raise ValueError("The SimCLR recipe has no Phase 1 (no decoder); leave phase1_epochs unset.")
-    dcss_kwargs["phase1_epochs"] = 0
-    if dcss_kwargs.get("num_heads") not in (None, 1):
-        raise ValueError("The SimCLR recipe trains one cluster head; leave num_heads unset (or 1).")
-    dcss_kwargs["num_heads"] = 1  # recorded in the saved config as what was trained (the image default is 3)
-    cfg = DCSSConfig(n_clusters=n_clusters, preset=preset, **dcss_kwargs).resolved()
+    if options.get("num_heads") not in (None, 1):
+        raise ValueError(f"The SimCLR recipe trains one cluster head; leave num_heads unset (or 1), got "
+                         f"{options['num_heads']!r}. Several heads side by side are an option of the DCSS estimator.")
+    options.update(phase1_epochs=0, num_heads=1)  # recorded as trained (the estimator's image default is 3 heads)
+    options.setdefault("latent_dim", 32)
+    options.setdefault("kmeans_init", "euclidean")  # NT-Xent shapes z = projection(u), not the directions of u
+    return DCSSConfig(n_clusters=n_clusters, preset=preset, **options).resolved(images=True)
+
+
+def _images(x: Any, cfg: DCSSConfig, ssl: str) -> Tensor:
+    """``x`` as (N, C, H, W) float32, checked (images, finite, at least K samples)."""
     xt, _ = as_tensor(x)
     if xt.dim() == 3:
         xt = xt.unsqueeze(1)
@@ -465,175 +515,93 @@ def fit_lightly(x: Any, n_clusters: int, ssl: str = "simclr", *, temperature: fl
         raise DataError(f"--ssl {ssl} needs images (N, H, W) or (N, C, H, W); got shape {tuple(xt.shape)}. For "
                         "vectors use the plain DCSS estimator.")
     validate_features(xt, cfg.n_clusters, "images")
-    dev = _resolve_device(device)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    normalizer = InputNormalizer.fit(xt)
-    xn = normalizer(xt).contiguous()
-    n = len(xn)
-    epochs = {"pretrain": _epochs_or(cfg.pretrain_epochs, 100), "phase1": 0,
-              "phase2": _epochs_or(cfg.phase2_epochs, 100)}
-    model = SimCLRClusterModel(tuple(xn.shape[1:]), cfg.n_clusters, cfg.latent_dim, cfg.conv_channels,
-                               head_hidden_dims=cfg.head_hidden_dims).to(dev)
-    centers = ClusterCenters(cfg.n_clusters, cfg.latent_dim, m=cfg.m).to(dev)
-    aug = (views if views is not None else BatchSimCLRViews()).to(dev)
-    ntxent = NTXentLoss(temperature=temperature)
-    criterion = DCSSClusterLoss(cfg.zeta, cfg.gamma, reduction=cfg.pair_reduction, exclude_self=cfg.exclude_self,
-                                positive_weight=positive_weight, balance_weight=balance_weight)
-    ssl_settings = {"ssl": ssl, "temperature": temperature, "positive_weight": positive_weight,
-                    "balance_weight": balance_weight, "views": repr(aug)}
-    history: Dict[str, Any] = {"epochs": epochs, "loss": {"pretrain": [], "phase1": [], "phase2": []},
-                               "time_s": {"pretrain": 0.0, "kmeans_init": 0.0, "phase1": 0.0, "phase2": 0.0},
-                               "time_per_epoch_s": {}, "device": str(dev), "n_samples": n, "ssl": ssl_settings,
-                               "ssl_loss": [], "cluster_loss": []}
-    ssl_params = [*model.autoencoder.encoder.parameters(), *model.projection_head.parameters()]
-    opt_pre = torch.optim.Adam(ssl_params, lr=cfg.lr)
-    opt_joint = torch.optim.Adam([{"params": ssl_params, "lr": cfg.lr},
-                                  {"params": model.cluster_head.parameters(), "lr": cfg.lr}])
-    phase, first = "pretrain", 0
-    fingerprint = data_fingerprint(xn)
+    return xt
 
-    def save_progress(next_phase: str, next_epoch: int) -> None:
-        if checkpoint_path is None:
-            return
-        state = {"format": PROGRESS_FORMAT, "version": __version__, "config": cfg.to_dict(), "ssl": ssl_settings,
-                 "data": fingerprint, "phase": next_phase, "epoch": next_epoch,
-                 "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                 "centers": {k: v.detach().cpu().clone() for k, v in centers.state_dict().items()},
-                 "opt_pre": opt_pre.state_dict(), "opt_joint": opt_joint.state_dict(),
-                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                 "history": {k: (torch.as_tensor(v) if isinstance(v, np.ndarray) else v) for k, v in history.items()}}
-        atomic_torch_save(state, checkpoint_path)
 
-    if resume:
-        if checkpoint_path is None:
-            raise ValueError("resume=True needs checkpoint_path (the progress file of the interrupted run).")
-        if not os.path.exists(checkpoint_path):
-            raise FileNotFoundError(f"Nothing to resume: {os.fspath(checkpoint_path)!r} does not exist.")
-        state = load_checkpoint(checkpoint_path, PROGRESS_FORMAT)
-        if (state.get("version") != __version__ or state.get("config") != cfg.to_dict()
-                or state.get("ssl") != ssl_settings):
-            raise ValueError(f"{os.fspath(checkpoint_path)!r} is from a run with other settings or another "
-                             "dcss-plugin version; resume with the same arguments, or start a new run.")
-        if state.get("data") != fingerprint:
-            raise ValueError(f"{os.fspath(checkpoint_path)!r} is from a run on different data; resume with the "
-                             "same input.")
-        model.load_state_dict(state["model"])
-        centers.load_state_dict(state["centers"])
-        opt_pre.load_state_dict(state["opt_pre"])
-        opt_joint.load_state_dict(state["opt_joint"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        for k, v in state["history"].items():
-            if k not in ("device", "epochs", "n_samples", "ssl"):
-                history[k] = v.numpy() if isinstance(v, Tensor) else v
-        phase, first = str(state["phase"]), int(state["epoch"])
+def _build_model(cfg: DCSSConfig, x: Tensor, settings: Dict[str, Any]) -> SimCLRClusterModel:
+    """A DCSS model around a conv backbone (a reference net: ``DCSS.load`` rebuilds it), plus the projection head."""
+    shape = [int(s) for s in x.shape[1:]]
+    spec = {"kind": "conv", "image_shape": shape, "latent_dim": cfg.latent_dim, "channels": list(cfg.conv_channels),
+            "input_shape": shape, "lightly": dict(settings)}
+    encoder = ConvEncoder(shape, cfg.latent_dim, cfg.conv_channels)
+    dcss = DCSSModel(encoder, cfg.n_clusters, cfg.latent_dim, normalize=Normalize.fit(x), m=cfg.m, num_heads=1,
+                     head_hidden_dims=cfg.head_hidden_dims, spec=spec)
+    return SimCLRClusterModel(dcss)
 
-    @torch.no_grad()
-    def encode_all() -> Tensor:
-        model.eval()
-        return torch.cat([model.backbone(xn[i:i + 4096].to(dev)) for i in range(0, n, 4096)])
 
-    def end_epoch(name: str, epoch: int, t0: float, stats: Dict[str, float]) -> None:
-        history["loss"][name].append(stats["loss"])
-        history["time_s"][name] += time.perf_counter() - t0
-        bars[name].update(1)
-        bars[name].set_postfix(loss=f"{stats['loss']:.4f}")
-        if callback:
-            callback(name, epoch, stats)
-        save_progress(name, epoch + 1)
-
-    from tqdm.auto import tqdm
-
-    bars = {name: tqdm(total=epochs[name], initial=first if name == phase else 0, desc=f"{ssl} {name}",
-                       disable=not verbose, leave=False, dynamic_ncols=True) for name in ("pretrain", "phase2")}
-
-    # ---- SimCLR warm-up
-    if phase == "pretrain":
-        for epoch in range(first, epochs["pretrain"]):
-            t0 = time.perf_counter()
-            model.train()
-            total = 0.0
-            for idx in shuffled_batches(n, cfg.batch_size, gen):
-                xb = xn[idx].to(dev)
-                x0, x1 = aug(xb, gen), aug(xb, gen)
-                z = model.projection_head(model.backbone(torch.cat([x0, x1])))
-                loss = ntxent(z[:len(idx)], z[len(idx):])
-                opt_pre.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_pre.step()
-                total += loss.item() * len(idx)
-            end_epoch("pretrain", epoch, t0, {"loss": total / n})
+def _warm_up(model: SimCLRClusterModel, ntxent: nn.Module, batches: Batches, cfg: DCSSConfig,
+             run: TrainingRun) -> None:
+    """SimCLR alone: backbone and projection head."""
+    opt = adam([*param_groups(model.dcss.encoder, cfg.lr), *param_groups(model.projection_head, cfg.lr)], cfg.lr)
+    for epoch in range(run.begin_phase("pretrain", opt, "SimCLR warm-up"), run.epochs["pretrain"]):
         t0 = time.perf_counter()
-        u_all = encode_all()
-        centers.init_kmeans(u_all, seed=cfg.seed)
-        history["labels_after_pretrain"] = centers(u_all).argmax(1).cpu().numpy().astype(np.int64)
-        history["labels_after_phase1"] = history["labels_after_pretrain"]
-        history["time_s"]["kmeans_init"] = time.perf_counter() - t0
-        phase, first = "phase2", 0
-        save_progress("phase2", 0)
+        stats = simclr_dcss_epoch(model, ntxent, opt, batches)
+        run.end_epoch("pretrain", epoch, t0, {"loss": stats["loss"]}, model, opt)
+    run.end_phase("pretrain")
 
-    # ---- SimCLR + DCSS jointly
-    for epoch in range(first, epochs["phase2"]):
+
+def _init_centers(dcss: DCSSModel, batches: Batches, cfg: DCSSConfig, run: TrainingRun) -> None:
+    """k-means on ``u`` sets the centers; with no Phase 1, its partition is also the 'after Phase 1' one."""
+    t0 = time.perf_counter()
+    u = init_centers(dcss, batches.xn, seed=cfg.seed, metric=cfg.kmeans_init)
+    labels = dcss.centers(u).argmax(1).cpu().numpy().astype(np.int64)
+    run.history["labels_after_pretrain"] = run.history["labels_after_phase1"] = labels
+    run.history["time_s"]["kmeans_init"] = time.perf_counter() - t0
+    run.phase, run.epoch = "phase2", 0
+
+
+def _joint(model: SimCLRClusterModel, ntxent: nn.Module, batches: Batches, cfg: DCSSConfig,
+           run: TrainingRun) -> None:
+    """SimCLR + the DCSS objective, all of the model at ``lr``; u-space targets for the first ``T2`` epochs."""
+    dcss = model.dcss
+    tolerance = cfg.balance_tolerance
+    loss_fn = DCSSLoss(cfg.zeta, cfg.gamma, cfg.T2, cfg.pair_reduction, cfg.exclude_self, cfg.balance_weight,
+                       0.0 if tolerance == "phase1" else float(tolerance))
+    if tolerance == "phase1":
+        loss_fn.set_tolerance_from_labels(torch.as_tensor(run.history["labels_after_phase1"]), cfg.n_clusters)
+    run.history["balance_tolerance"] = float(loss_fn.balance_tolerance)
+    opt = adam([*param_groups(dcss.encoder, cfg.lr), *param_groups(model.projection_head, cfg.lr),
+                {"params": list(dcss.heads.parameters()), "lr": cfg.lr}], cfg.lr)
+    for epoch in range(run.begin_phase("phase2", opt, "SimCLR + DCSS"), run.epochs["phase2"]):
         t0 = time.perf_counter()
-        u_space = epoch < cfg.T2
-        model.train()
-        total = ssl_total = clu_total = 0.0
-        for idx in shuffled_batches(n, cfg.batch_size, gen):
-            b = len(idx)
-            xb = xn[idx].to(dev)
-            u = model.backbone(torch.cat([aug(xb, gen), aug(xb, gen)]))
-            z, q = model.projection_head(u), model.cluster_head(u)
-            p = centers(u.detach()) if u_space else None
-            loss_ssl = ntxent(z[:b], z[b:])
-            loss_clu = criterion(q[:b], q[b:], *((p[:b], p[b:]) if p is not None else ()))
-            loss = loss_ssl + loss_clu
-            opt_joint.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_joint.step()
-            total += loss.item() * b
-            ssl_total += loss_ssl.item() * b
-            clu_total += loss_clu.item() * b
-        history["ssl_loss"].append(ssl_total / n)
-        history["cluster_loss"].append(clu_total / n)
-        end_epoch("phase2", epoch, t0, {"loss": total / n, "ssl_loss": ssl_total / n,
-                                        "cluster_loss": clu_total / n})
-    for bar in bars.values():
-        bar.close()
-    for name, e in epochs.items():
-        history["time_per_epoch_s"][name] = history["time_s"][name] / max(e, 1)
+        loss_fn.set_epoch(epoch)
+        stats = simclr_dcss_epoch(model, ntxent, opt, batches, loss_fn)
+        run.history["ssl_loss"].append(stats["ssl_loss"])
+        run.history["cluster_loss"].append(stats["cluster_loss"])
+        run.end_epoch("phase2", epoch, t0, stats, model, opt, targets="q" if loss_fn.q_space else "p")
+    run.end_phase("phase2")
 
-    # ---- a plain DCSS model around the trained backbone and head
-    out = DCSS(n_clusters=cfg.n_clusters, preset=cfg.preset, device=str(dev), verbose=verbose,
-               **{k: v for k, v in cfg.to_dict().items() if k not in ("n_clusters", "preset")})
-    out.config = cfg
-    out.autoencoder = model.autoencoder.eval()
-    out.centers = centers
-    out.head = model.cluster_head.eval()
-    out.normalizer = normalizer
-    out.input_shape = tuple(xt.shape[1:])
-    out._ae_spec = {"kind": "conv", "image_shape": list(xt.shape[1:]), "latent_dim": cfg.latent_dim,
-                    "channels": list(cfg.conv_channels), "lightly": dict(ssl_settings)}
-    out.history_ = history
-    out.labels_ = out.predict(xt)
-    return out
+
+def _fitted_estimator(dcss: DCSSModel, cfg: DCSSConfig, x: Tensor, run: TrainingRun, dev: torch.device,
+                      verbose: bool) -> DCSS:
+    """A fitted :class:`dcss_plugin.DCSS` assembled from the trained model (its public fitted attributes)."""
+    options = {name: getattr(cfg, name) for name in cfg.to_dict() if name not in ("n_clusters", "preset")}
+    est = DCSS(n_clusters=cfg.n_clusters, preset=cfg.preset, device=str(dev), verbose=verbose, **options)
+    est.model_, est.config_, est.input_shape_ = dcss.eval(), cfg, tuple(int(s) for s in x.shape[1:])
+    est.history_ = run.finish()
+    est.labels_ = est.predict(x)
+    return est
 
 
 def fit_from_cli_args(args: Any, x: Any, overrides: Optional[Dict[str, Any]] = None,
-                      callback: Optional[Callable[[str, int, Dict[str, float]], None]] = None,
-                      checkpoint_path: Optional[Union[str, os.PathLike]] = None, resume: bool = False) -> DCSS:
+                      callback: Optional[Callback] = None, checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+                      resume: bool = False) -> DCSS:
     """``dcss fit ... --ssl simclr``: the fitted model (see :func:`fit_lightly`).
 
     Reads ``args.ssl``, ``args.clusters``, ``args.seed``, ``args.preset``, ``args.device``, ``args.quiet``;
-    ``overrides`` are the DCSS config fields ``cmd_fit`` collected (``pretrain_epochs`` = SimCLR warm-up epochs,
-    ``phase2_epochs`` = joint epochs, ``batch_size``, ``lr``, ``zeta``, ``gamma``, ``T2``, ``latent_dim``, ``m``).
+    ``overrides`` are the DCSS config options ``cmd_fit`` collected (``pretrain_epochs`` = SimCLR warm-up epochs,
+    ``phase2_epochs`` = joint epochs, ``batch_size``, ``lr``, ``zeta``, ``gamma``, ``T2``, ``latent_dim``, ``m``, ...).
+
+    Example:
+        >>> args = argparse.Namespace(ssl="simclr", clusters=10, seed=0, preset="default", device="cpu", quiet=True)
+        >>> est = fit_from_cli_args(args, load_digits().images, {"pretrain_epochs": 2, "phase2_epochs": 2})
     """
     ssl = str(getattr(args, "ssl", None) or "simclr").lower()
-    kwargs = dict(overrides or {})
-    if kwargs.get("phase1_epochs"):
+    options = dict(overrides or {})
+    if options.get("phase1_epochs"):
         raise ValueError("--phase1-epochs does not apply to --ssl (the SimCLR recipe has no Phase 1); drop it.")
-    kwargs.pop("phase1_epochs", None)
-    kwargs.setdefault("seed", getattr(args, "seed", 0))
+    options.pop("phase1_epochs", None)
+    options.setdefault("seed", getattr(args, "seed", 0))
     return fit_lightly(x, int(args.clusters), ssl, preset=getattr(args, "preset", "default"),
                        device=getattr(args, "device", "auto"), verbose=not bool(getattr(args, "quiet", False)),
-                       callback=callback, checkpoint_path=checkpoint_path, resume=resume, **kwargs)
+                       callback=callback, checkpoint_path=checkpoint_path, resume=resume, **options)

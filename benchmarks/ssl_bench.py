@@ -5,11 +5,13 @@ Both methods get the same images and seed and never see the labels; the labels o
 * ``dcss``: ``dcss_plugin.DCSS(n_clusters=10, seed=s)`` (the default preset: conv autoencoder pretrained with
   denoising reconstruction + NT-Xent on u, k-means, Phase 1, Phase 2).
 * ``simclr+dcss``: ``dcss_plugin.adapters.lightly.fit_lightly(x, 10, "simclr", seed=s)`` (SimCLR warm-up with
-  Lightly's projection head and NT-Xent loss, k-means on u, then SimCLR + DCSSClusterLoss jointly).
+  Lightly's projection head and NT-Xent loss, k-means on u, then SimCLR + ``DCSSLoss``, the estimator's Phase-2
+  objective with the two views of each image as known positives, jointly).
 
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ssl_bench.py --seeds 0 1 2 [--threads 1] [--json out.json]
+        [--ssl-epochs WARMUP JOINT]      # SimCLR recipe epochs (default 100 100; the adapter test uses 40 20)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=["dcss", "simclr+dcss"], choices=["dcss", "simclr+dcss"])
+    parser.add_argument("--ssl-epochs", type=int, nargs=2, metavar=("WARMUP", "JOINT"), default=[100, 100],
+                        help="SimCLR warm-up and joint epochs of simclr+dcss (default 100 100)")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -47,7 +51,9 @@ def main() -> None:
             if method == "dcss":
                 model = DCSS(n_clusters=10, seed=seed, device="cpu", verbose=False).fit(x)
             else:
-                model = fit_lightly(x, 10, "simclr", seed=seed, device="cpu")
+                warmup, joint = args.ssl_epochs
+                model = fit_lightly(x, 10, "simclr", seed=seed, device="cpu", pretrain_epochs=warmup,
+                                    phase2_epochs=joint)
             wall = time.perf_counter() - t0
             m = evaluate(y, model.labels_)
             init = evaluate(y, model.history_["labels_after_pretrain"])

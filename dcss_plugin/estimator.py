@@ -178,7 +178,8 @@ class DCSS(ClusterMixin, BaseEstimator):
         shape = tuple(x.shape[1:])
         if self.encoder is not None:
             enc, dec = self.encoder, self.decoder
-            spec: Dict[str, Any] = {"kind": "custom", "class": type(enc).__qualname__}
+            spec: Dict[str, Any] = dict(getattr(enc, "model_spec", None)  # an adapter's networks name their kind
+                                        or DCSSModel._default_spec(enc, dec))
         elif cfg.autoencoder == "conv" or (cfg.autoencoder == "auto" and len(shape) == 3 and cfg.preset != "paper"):
             if len(shape) != 3:
                 raise DataError(f"autoencoder='conv' needs images (N, C, H, W); got samples of shape {shape}.")

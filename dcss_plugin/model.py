@@ -81,6 +81,7 @@ class DCSSModel(nn.Module):
         m: fuzzifier of the memberships ``p`` (paper 1.5).
         num_heads: MNet heads (Phase 2 may train several and keep one: :meth:`select_head`).
         head_hidden_dims: MNet hidden widths (paper 128, 128).
+        input_shape: shape of one raw sample (recorded in ``spec``; a full ONNX export needs it).
         spec: plain, JSON-like description that rebuilds ``encoder``/``decoder`` on :meth:`load` (set by the
             estimator and adapters; a custom encoder is passed again to ``load``).
 
@@ -100,7 +101,8 @@ class DCSSModel(nn.Module):
 
     def __init__(self, encoder: nn.Module, n_clusters: int, latent_dim: int, *, decoder: Optional[nn.Module] = None,
                  normalize: Optional[Normalize] = None, m: float = 1.5, num_heads: int = 1,
-                 head_hidden_dims: Sequence[int] = (128, 128), spec: Optional[Dict[str, Any]] = None) -> None:
+                 head_hidden_dims: Sequence[int] = (128, 128), input_shape: Optional[Sequence[int]] = None,
+                 spec: Optional[Dict[str, Any]] = None) -> None:
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module mapping x to u, got {type(encoder).__name__}.")
@@ -117,7 +119,25 @@ class DCSSModel(nn.Module):
         self.centers = ClusterCenters(self.n_clusters, self.latent_dim, m=m)
         self.heads = nn.ModuleList(self._new_head() for _ in range(int(num_heads)))
         self.register_buffer("head_index", torch.zeros((), dtype=torch.long))
-        self.spec: Dict[str, Any] = dict(spec or {"kind": "custom", "class": type(encoder).__qualname__})
+        self.spec: Dict[str, Any] = dict(spec or self._default_spec(encoder, decoder))
+        if input_shape is not None:
+            self.spec["input_shape"] = [int(s) for s in input_shape]
+
+    @property
+    def input_shape(self) -> Optional[tuple]:
+        """Shape of one raw sample, when known (``input_shape=`` or the spec): what a full ONNX export takes."""
+        shape = self.spec.get("input_shape")
+        return tuple(int(s) for s in shape) if shape is not None else None
+
+    @staticmethod
+    def _default_spec(encoder: nn.Module, decoder: Optional[nn.Module]) -> Dict[str, Any]:
+        """The reference networks describe themselves (``encoder.spec()``); anything else is "custom"."""
+        from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+
+        pairs = ((MLPEncoder, MLPDecoder), (ConvEncoder, ConvDecoder))
+        if any(type(encoder) is e and (decoder is None or type(decoder) is d) for e, d in pairs):
+            return encoder.spec()  # type: ignore[operator]
+        return {"kind": "custom", "class": type(encoder).__qualname__}
 
     def _new_head(self) -> DCSSHead:
         return DCSSHead(self.latent_dim, self.n_clusters, self.head_hidden_dims)

@@ -1,13 +1,18 @@
 """SimCLR (Lightly) + DCSS as a PyTorch Lightning module on scikit-learn's digits; prints ACC/NMI beside k-means.
 
-The same model as examples/lightly_plain_loop.py: a backbone with Lightly's SimCLR projection head and NT-Xent
-loss, and DCSS's cluster head and loss beside them. Both losses gather across GPUs with ``gather_distributed=True``
-(a no-op on one process), so ``Trainer(accelerator="gpu", devices=4, strategy="ddp")`` forms pairs over the
-global batch.
+The same model as examples/lightly_plain_loop.py, in the module style of Lightly's own examples: a backbone with
+Lightly's SimCLR projection head and NT-Xent loss, and DCSS's cluster head (``DCSSClusterHead``, the paper's MNet)
+and loss (``DCSSClusterLoss``: the estimator's Phase-2 objective ``dcss_plugin.DCSSLoss``, the two views of each image
+being its known positive pair) beside them. Both losses gather across GPUs with ``gather_distributed=True`` (a no-op
+on one process), so ``Trainer(accelerator="gpu", devices=4, strategy="ddp")`` forms pairs over the global batch.
+At the end the trained backbone, centers and head are placed into one ``dcss_plugin.DCSSModel``, the object that is
+saved, loaded and exported (``--out DIR`` writes ``DIR/model.pt``).
 
-Run:  OMP_NUM_THREADS=1 python examples/lightly_lightning.py   (about a minute on one CPU thread)
+Run:  OMP_NUM_THREADS=1 python examples/lightly_lightning.py [--out DIR]   (about a minute on one CPU thread)
 """
 
+import argparse
+import os
 import time
 
 import pytorch_lightning as pl
@@ -19,7 +24,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dcss_plugin import ClusterCenters
+from dcss_plugin import ClusterCenters, DCSSModel, Normalize
 from dcss_plugin.adapters.lightly import BatchSimCLRViews, DCSSClusterHead, DCSSClusterLoss
 from dcss_plugin.metrics import evaluate
 
@@ -75,6 +80,9 @@ class SimCLRDCSS(pl.LightningModule):
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="also save the trained model to DIR/model.pt (read by DCSSModel.load)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     digits = load_digits()
@@ -93,3 +101,13 @@ if __name__ == "__main__":
     print(f"trained in {time.perf_counter() - t0:.0f} s, final loss {trainer.callback_metrics['loss']:.3f}")
     print(f"SimCLR + DCSS (argmax q):  ACC {ours['acc']:.3f}  NMI {ours['nmi']:.3f}")
     print(f"k-means on raw pixels:     ACC {raw['acc']:.3f}  NMI {raw['nmi']:.3f}")
+    # the trained pieces as one DCSSModel (x / 16 -> backbone -> head): what is saved, loaded and exported
+    dcss = DCSSModel(model.backbone, n_clusters=10, latent_dim=32, m=1.2,
+                     normalize=Normalize(torch.zeros(1, 1, 1), torch.full((1, 1, 1), 16.0)))
+    dcss.centers.load_state_dict(model.centers.state_dict())
+    dcss.head.load_state_dict(model.cluster_head.state_dict())  # a DCSSClusterHead is a DCSSHead: same keys
+    assert (dcss.predict(x * 16.0).numpy() == labels).all()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        dcss.save(os.path.join(args.out, "model.pt"))  # DCSSModel.load(path, encoder=<same backbone>) reads it
+        print(f"saved {args.out}/model.pt")

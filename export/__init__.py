@@ -1,14 +1,17 @@
-"""ONNX export of fitted DCSS models and an onnxruntime cluster assigner (imported as ``dcss_plugin.export``).
+"""ONNX export of DCSS models and an onnxruntime cluster assigner (imported as ``dcss_plugin.export``).
 
-* :mod:`dcss_plugin.export.onnx`: ``export_assigner(model_or_run_dir, path, full=False, fp16=False)`` writes one
-  self-contained ``.onnx`` file: input ``u`` (N, d) (head) or ``x`` (N, *sample_shape) (full: normalisation +
-  encoder + head); outputs ``q`` (N, K) float32, ``label`` (N,) int64, ``confidence`` (N,) float32; dynamic batch
-  axis; metadata with K, d, the normalisation, the config, the package version and an integrity digest.
+* :mod:`dcss_plugin.export.onnx`: ``export_assigner(model, path, *, full=False, fp16=False, input_shape=None)``
+  writes one self-contained ``.onnx`` file from a :class:`~dcss_plugin.DCSSModel` (trained anywhere, a user's own
+  loop included), a fitted :class:`~dcss_plugin.DCSS` or a run directory: input ``u`` (N, d) (head) or ``x``
+  (N, *sample_shape) (full: normalisation + encoder + selected head); outputs ``q`` (N, K) float32, ``label`` (N,)
+  int64, ``confidence`` (N,) float32; dynamic batch axis; metadata with K, d, the normalisation, the config, the
+  package version and an integrity digest. Every export is checked against PyTorch with onnxruntime.
 * :mod:`dcss_plugin.export.runtime`: ``OnnxClusterAssigner(path, provider="auto"|"cuda"|"cpu")`` checks the file
   and the inputs, reports the provider that really runs, and binds CUDA tensors without a host copy.
-* :mod:`dcss_plugin.export.bench`: ``dcss bench assign``, PyTorch eager versus onnxruntime.
 
 onnx and onnxruntime are imported by those submodules, not here, so ``import dcss_plugin.export`` stays light.
+The export reads only the model's public parts; ``dcss_plugin`` itself never imports this package. The assign
+benchmark (PyTorch eager versus onnxruntime) lives in ``benchmarks/assign.py``.
 
 Example:
     >>> from dcss_plugin.export.onnx import export_assigner

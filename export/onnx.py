@@ -1,29 +1,37 @@
-"""Export a fitted DCSS model to a single, self-contained ONNX cluster assigner.
+"""Export a DCSS model to a single, self-contained ONNX cluster assigner.
+
+What can be exported: a :class:`~dcss_plugin.DCSSModel` (however it was trained: the estimator, an adapter, or a
+user's own loop), a fitted :class:`~dcss_plugin.DCSS` (its ``model_``), or a run directory / checkpoint written by
+``dcss fit`` (read with :meth:`DCSS.load`). Only the model's public parts are read: ``normalize``, ``encoder``,
+``head`` (the selected one), ``decoder`` and ``centers`` (for the default check samples), ``spec``.
 
 Two graphs, both with a dynamic batch axis ``N`` and the same three outputs:
 
-* ``head`` (default): input ``u`` (N, d) float32, the encoder output on normalised input; the graph is MNet only.
-* ``full``: input ``x`` (N, *sample_shape) float32; the graph applies ``(x - offset) / scale``, the encoder and
-  MNet, so a service needs nothing but the file.
+* ``head`` (default): input ``u`` (N, d) float32, ``u = model.encode(x)`` (the encoder on normalised input); the
+  graph is MNet only.
+* ``full``: input ``x`` (N, *sample_shape) float32; the graph applies ``model.normalize`` (``(x - offset) /
+  scale``), the encoder and the selected head, so a service needs nothing but the file. The sample shape comes
+  from ``input_shape=``, else the estimator's ``input_shape_``, else ``model.spec["input_shape"]``, else the shape
+  of ``check_data``; with none of them a full export is refused.
 
 Outputs: ``q`` (N, K) float32 (softmax, rows sum to 1), ``label`` (N,) int64 (``argmax q``, first index on
-ties, as :meth:`DCSS.predict`) and ``confidence`` (N,) float32 (``max q``).
+ties, as :meth:`DCSSModel.predict`) and ``confidence`` (N,) float32 (``max q``).
 
 The file's ``metadata_props`` say everything a service needs (see :data:`METADATA_KEYS`): K, d, the input name
-and shape, the normalisation (offset/scale as JSON), the package version, the preset and the full config, the
+and shape, the normalisation (offset/scale as JSON), the package version, the preset and the config, the
 export kind, the fp16 flag, and a SHA-256 digest of graph + metadata that
 :class:`~dcss_plugin.export.runtime.OnnxClusterAssigner` checks, so that a corrupted or edited file is refused.
 
-fp16 (``fp16=True``): weights and compute in float16, inputs and outputs stay float32 (the normalisation runs
+Every export is run by onnxruntime before it is written and compared with the PyTorch model (float32: ``q`` within
+1e-4). fp16 (``fp16=True``): weights and compute in float16, inputs and outputs stay float32 (the normalisation runs
 in float32, then the normalised input is cast). The export is refused (``ValueError``) unless the fp16 graph,
 run by onnxruntime (CPU, and CUDA where it runs), gives the same label as the float32 model for every row of
 the check data: ``check_data`` when given, else the training data named in the run directory's ``report.json``,
-else samples decoded from the cluster centers (a weaker check; a warning says so). Refusing rather than warning
-keeps the contract "the assigner's labels are the model's labels". What fp16 buys: a file half the size, and
-float16 arithmetic on CUDA. On CPU it buys no speed: onnxruntime 1.31's CPU provider has no float16 kernels for
-these ops and casts every weight back to float32 at load (seen in its optimised graph), so the CPU computes in
-float32 with float16-rounded weights, as fast as the float32 graph within noise. Near-tie rows (two clusters with
-almost equal ``q``) are where labels flip.
+else samples around the cluster centers (decoded to ``x`` for a full export; a weaker check, a warning says so).
+Refusing rather than warning keeps the contract "the assigner's labels are the model's labels". What fp16 buys: a
+file half the size, and float16 arithmetic on CUDA. On CPU it buys no speed: onnxruntime's CPU provider has no
+float16 kernels for these ops and casts every weight back to float32 at load, so the CPU computes in float32 with
+float16-rounded weights. Near-tie rows (two clusters with almost equal ``q``) are where labels flip.
 
 Exporter: ``exporter="auto"`` uses torch's TorchScript-based exporter (``dynamo=False``, opset 17) while torch
 ships it: about 0.1 s per export against seconds for the torch.export-based one, and the same graph for these
@@ -34,6 +42,7 @@ Example:
     >>> from dcss_plugin.export.onnx import export_assigner
     >>> export_assigner("runs/digits", "runs/digits/assigner.onnx", full=True)
     'runs/digits/assigner.onnx'
+    >>> export_assigner(my_model, "assigner.onnx", full=True, input_shape=(1, 8, 8))   # a DCSSModel of own loop
 """
 
 from __future__ import annotations
@@ -47,7 +56,8 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any, Dict, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -56,16 +66,19 @@ from torch import Tensor, nn
 from dcss_plugin import __version__
 from dcss_plugin.estimator import DCSS
 from dcss_plugin.io import atomic_write_bytes
+from dcss_plugin.model import DCSSModel, Normalize
 
 __all__ = [
     "ASSIGNER_FORMAT",
     "METADATA_KEYS",
     "OUTPUT_NAMES",
     "AssignerGraph",
+    "ExportSource",
     "build_graph",
     "export_assigner",
     "export_from_cli",
     "metadata_digest",
+    "resolve_source",
 ]
 
 log = logging.getLogger("dcss_plugin")
@@ -74,6 +87,7 @@ ASSIGNER_FORMAT = "dcss-plugin/onnx-assigner-v1"
 OUTPUT_NAMES = ("q", "label", "confidence")
 TORCHSCRIPT_OPSET = 17
 DIGEST_KEY = "digest"
+NO_PRESET = "none"  # the metadata preset of a model trained outside the estimator
 
 #: The ``metadata_props`` every exported assigner carries (all values are strings; JSON where structured).
 METADATA_KEYS = {
@@ -81,31 +95,116 @@ METADATA_KEYS = {
     "export_kind": "'head' (input u) or 'full' (input x)",
     "input_name": "'u' or 'x'",
     "input_shape": "JSON list: the graph input's shape without the batch axis ([d] or the sample shape)",
-    "sample_shape": "JSON list: the shape of one training sample x (for a head export too)",
+    "sample_shape": "JSON list: the shape of one sample x ([] when unknown: a head export of a model whose input "
+                    "shape was never given)",
     "n_clusters": "K",
     "latent_dim": "d",
     "outputs": "'q,label,confidence'",
-    "normalization": "JSON {kind, formula, offset, scale, offset_shape, scale_shape}: x_norm = (x - offset) / scale",
+    "normalization": "JSON {kind, formula, offset, scale, offset_shape, scale_shape}: x_norm = (x - offset) / scale; "
+                     "kind 'image' (one offset/scale), 'vector' (per feature) or 'identity'",
     "u_definition": "how the graph input u is obtained (head export) or that the graph computes it (full)",
     "fp16": "'true' or 'false'",
     "dcss_version": "dcss_plugin.__version__ at export",
-    "preset": "the DCSSConfig preset",
-    "config": "JSON of DCSSConfig.to_dict() (all hyperparameters)",
+    "preset": f"the DCSSConfig preset ({NO_PRESET!r} for a model trained outside the estimator)",
+    "config": "JSON: DCSSConfig.to_dict() (all hyperparameters), or DCSSModel.config() for a model trained outside "
+              "the estimator",
     "exporter": "'torchscript' or 'dynamo' (which torch.onnx exporter wrote the graph)",
     "torch_version": "torch.__version__ at export",
     DIGEST_KEY: "sha256 over the serialized graph and every other metadata entry",
 }
 
 
+# ---------------------------------------------------------------------------------------------------- the source
+@dataclass
+class ExportSource:
+    """What is exported: the model and what is known about it besides its modules.
+
+    Attributes:
+        model: the :class:`DCSSModel`.
+        input_shape: shape of one sample ``x`` (None when unknown).
+        config: the training settings (``DCSSConfig.to_dict()``) or, for a model trained outside the estimator,
+            ``model.config()``.
+        preset: the DCSSConfig preset, or ``"none"``.
+        run_dir: the run directory it was loaded from (its ``report.json`` may name the training data), or None.
+    """
+
+    model: DCSSModel
+    input_shape: Optional[Tuple[int, ...]]
+    config: Dict[str, Any]
+    preset: str
+    run_dir: Optional[str] = None
+
+
+def _from_estimator(est: Any, run_dir: Optional[str] = None) -> ExportSource:
+    model = getattr(est, "model_", None)
+    if not isinstance(model, DCSSModel):
+        raise ValueError("This DCSS estimator is not fitted yet; fit it (or DCSS.load a checkpoint) before export.")
+    cfg = getattr(est, "config_", None)
+    shape = getattr(est, "input_shape_", None)
+    return ExportSource(model, tuple(int(s) for s in shape) if shape is not None else None,
+                        cfg.to_dict() if cfg is not None else model.config(),
+                        str(cfg.preset) if cfg is not None else NO_PRESET, run_dir)
+
+
+def _from_model(model: DCSSModel, run_dir: Optional[str] = None) -> ExportSource:
+    shape = model.spec.get("input_shape")
+    return ExportSource(model, tuple(int(s) for s in shape) if shape is not None else None, model.config(),
+                        NO_PRESET, run_dir)
+
+
+def resolve_source(obj: Union[DCSSModel, DCSS, str, os.PathLike]) -> ExportSource:
+    """The :class:`ExportSource` of a :class:`DCSSModel`, a fitted :class:`DCSS`, or a run directory/checkpoint.
+
+    A path is read with :meth:`DCSS.load` (every checkpoint kind ``dcss fit`` writes); a plain model file that the
+    estimator cannot read (one saved by :meth:`DCSSModel.save` without an input shape) with :meth:`DCSSModel.load`.
+    """
+    if isinstance(obj, DCSSModel):
+        return _from_model(obj)
+    if isinstance(obj, DCSS) or hasattr(obj, "model_"):
+        return _from_estimator(obj)
+    if not isinstance(obj, (str, os.PathLike)):
+        raise TypeError(f"export_assigner takes a DCSSModel, a fitted DCSS or a run directory; got "
+                        f"{type(obj).__name__}.")
+    path = os.fspath(obj)
+    run_dir = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        return _from_estimator(DCSS.load(path, device="cpu"), run_dir)
+    except ValueError as exc:
+        try:
+            model = DCSSModel.load(path, device="cpu")
+        except Exception:  # noqa: BLE001 - the estimator's message is the one that explains
+            raise exc from None
+        return _from_model(model, run_dir)
+
+
+def _input_shape(src: ExportSource, input_shape: Optional[Sequence[int]], check_data: Any,
+                 full: bool) -> Optional[Tuple[int, ...]]:
+    """The sample shape: ``input_shape=``, else the source's, else ``check_data``'s; refused if a full export
+    has none."""
+    if input_shape is not None:
+        return tuple(int(s) for s in input_shape)
+    if src.input_shape is not None:
+        return src.input_shape
+    if check_data is not None and len(np.shape(check_data)) >= 2:
+        return tuple(int(s) for s in np.shape(check_data)[1:])
+    if full:
+        raise ValueError("A full export needs the shape of one input sample x, and this model does not record it: "
+                         "pass input_shape=(...) (e.g. (1, 28, 28) or (n_features,)), or check_data=real samples, "
+                         "or put 'input_shape' into model.spec.")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------- the graph
 class AssignerGraph(nn.Module):
-    """The exported computation: ``[normalise -> encode ->] head -> (q, label, confidence)``.
+    """The exported computation: ``[normalize -> encoder ->] head -> (q, label, confidence)``.
 
     Args:
         head: MNet (``u (N, d) -> q (N, K)``, softmax included).
-        autoencoder: a module with ``encode``; ``None`` for a head export.
-        offset, scale: the input normalisation (broadcastable to the sample shape); full export only.
+        encoder: the encoder (normalised ``x`` -> ``u``); ``None`` for a head export.
+        normalize: the input normalisation (a :class:`Normalize`; None: identity); full export only.
         fp16: run the encoder and head in float16; the normalisation and the I/O stay float32.
+
+    All modules are copied to the CPU in eval mode; the originals are not touched.
 
     Shapes:
         input: ``u`` (N, d) for a head export, ``x`` (N, *sample_shape) for a full export, float32.
@@ -113,46 +212,56 @@ class AssignerGraph(nn.Module):
 
     Example:
         >>> graph = AssignerGraph(model.head).eval()
-        >>> q, label, confidence = graph(torch.randn(4, model.config.latent_dim))
+        >>> q, label, confidence = graph(torch.randn(4, model.latent_dim))
     """
 
-    def __init__(self, head: nn.Module, autoencoder: Optional[nn.Module] = None, offset: Optional[Tensor] = None,
-                 scale: Optional[Tensor] = None, fp16: bool = False) -> None:
+    def __init__(self, head: nn.Module, encoder: Optional[nn.Module] = None, normalize: Optional[nn.Module] = None,
+                 fp16: bool = False) -> None:
         super().__init__()
         dtype = torch.float16 if fp16 else torch.float32
         self.fp16 = bool(fp16)
         self.head = copy.deepcopy(head).to("cpu", dtype).eval()
-        self.autoencoder = copy.deepcopy(autoencoder).to("cpu", dtype).eval() if autoencoder is not None else None
-        if self.autoencoder is not None:
-            if offset is None or scale is None:
-                raise ValueError("A full export needs the input normalisation (offset and scale).")
-            self.register_buffer("offset", offset.detach().to("cpu", torch.float32).clone())
-            self.register_buffer("scale", scale.detach().to("cpu", torch.float32).clone())
+        self.encoder = copy.deepcopy(encoder).to("cpu", dtype).eval() if encoder is not None else None
+        self.normalize = (copy.deepcopy(normalize if normalize is not None else Normalize()).to("cpu", torch.float32)
+                          .eval() if encoder is not None else None)
 
     def forward(self, inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         h = inputs
-        if self.autoencoder is not None:
-            h = (h - self.offset) / self.scale  # float32, then cast: the normalisation never runs in fp16
+        if self.normalize is not None:
+            h = self.normalize(h)  # float32, then cast: the normalisation never runs in fp16
         if self.fp16:
             h = h.half()
-        if self.autoencoder is not None:
-            h = self.autoencoder.encode(h)
+        if self.encoder is not None:
+            h = self.encoder(h)
         q = self.head(h).float()
         confidence, label = q.max(dim=1)
         return q, label, confidence
 
 
-def build_graph(model: DCSS, full: bool, fp16: bool) -> AssignerGraph:
-    """The :class:`AssignerGraph` for a fitted ``model`` (copies on CPU in eval mode; ``model`` is not touched).
+def build_graph(model: DCSSModel, full: bool, fp16: bool) -> AssignerGraph:
+    """The :class:`AssignerGraph` of ``model``'s selected head (and, ``full``, its normalisation and encoder).
 
     Example:
         >>> q, label, confidence = build_graph(model, full=True, fp16=False)(torch.rand(2, 1, 8, 8) * 16)
     """
     if not full:
-        return AssignerGraph(model.head, fp16=fp16).eval()  # type: ignore[arg-type]
-    norm = model.normalizer
-    assert norm is not None
-    return AssignerGraph(model.head, model.autoencoder, norm.offset, norm.scale, fp16=fp16).eval()  # type: ignore
+        return AssignerGraph(model.head, fp16=fp16).eval()
+    return AssignerGraph(model.head, model.encoder, model.normalize, fp16=fp16).eval()
+
+
+def _reference(model: DCSSModel) -> DCSSModel:
+    """A float32 CPU copy of ``model`` in eval mode: what the export is compared with (``model`` is not touched)."""
+    return copy.deepcopy(model).to("cpu", torch.float32).eval()
+
+
+def _check_traceable(graph: nn.Module, example: Tensor) -> None:
+    """Run the graph once in PyTorch, so that a wrong input shape fails with a clear message, not in the exporter."""
+    try:
+        with torch.no_grad():
+            graph(example)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's encoder raises
+        raise ValueError(f"The model does not run on a batch of shape {tuple(example.shape)} ({exc}); pass the "
+                         "shape of one sample as input_shape=(...).") from exc
 
 
 # ---------------------------------------------------------------------------------------------------- exporters
@@ -226,38 +335,44 @@ def metadata_digest(model_proto: Any) -> str:
     return h.hexdigest()
 
 
-def _metadata(model: DCSS, full: bool, fp16: bool, exporter: str) -> Dict[str, str]:
-    cfg, norm, shape = model.config, model.normalizer, tuple(int(s) for s in model.input_shape or ())
-    assert norm is not None
-    d, k = int(cfg.latent_dim), int(cfg.n_clusters)
-    normalization = {
-        "kind": norm.kind,
-        "formula": "x_norm = (x - offset) / scale",
-        "offset": norm.offset.detach().cpu().float().tolist(),
-        "scale": norm.scale.detach().cpu().float().tolist(),
-        "offset_shape": list(norm.offset.shape),
-        "scale_shape": list(norm.scale.shape),
-    }
+def _normalization(norm: nn.Module, shape: Optional[Tuple[int, ...]]) -> Dict[str, Any]:
+    """The ``normalization`` metadata entry of a :class:`Normalize` (``offset``/``scale`` buffers)."""
+    offset = norm.offset.detach().cpu().float()
+    scale = norm.scale.detach().cpu().float()
+    if offset.dim() == 0 and scale.dim() == 0 and float(offset) == 0.0 and float(scale) == 1.0:
+        kind = "identity"
+    elif (shape is not None and len(shape) == 1) or (shape is None and offset.dim() == 1):
+        kind = "vector"
+    else:
+        kind = "image"
+    return {"kind": kind, "formula": "x_norm = (x - offset) / scale", "offset": offset.tolist(),
+            "scale": scale.tolist(), "offset_shape": list(offset.shape), "scale_shape": list(scale.shape)}
+
+
+def _metadata(src: ExportSource, shape: Optional[Tuple[int, ...]], full: bool, fp16: bool,
+              exporter: str) -> Dict[str, str]:
+    model = src.model
+    d, k = int(model.latent_dim), int(model.n_clusters)
     if full:
         u_def = "computed inside this graph: u = encoder((x - offset) / scale)"
     else:
-        u_def = ("u is the DCSS encoder output on normalised input: u = model.autoencoder.encode((x - offset) / "
+        u_def = ("u is the DCSS encoder output on normalised input: u = model.encode(x) = encoder((x - offset) / "
                  "scale), eval mode, as DCSS.transform(x) returns it; offset/scale are in 'normalization'")
     return {
         "format": ASSIGNER_FORMAT,
         "export_kind": "full" if full else "head",
         "input_name": "x" if full else "u",
-        "input_shape": json.dumps(list(shape) if full else [d]),
-        "sample_shape": json.dumps(list(shape)),
+        "input_shape": json.dumps(list(shape or ()) if full else [d]),
+        "sample_shape": json.dumps(list(shape or ())),
         "n_clusters": str(k),
         "latent_dim": str(d),
         "outputs": ",".join(OUTPUT_NAMES),
-        "normalization": json.dumps(normalization),
+        "normalization": json.dumps(_normalization(model.normalize, shape)),
         "u_definition": u_def,
         "fp16": "true" if fp16 else "false",
         "dcss_version": __version__,
-        "preset": str(cfg.preset),
-        "config": json.dumps(cfg.to_dict()),
+        "preset": str(src.preset),
+        "config": json.dumps(src.config, default=str),
         "exporter": exporter,
         "torch_version": torch.__version__,
     }
@@ -288,45 +403,74 @@ def _finalize(proto: Any, meta: Dict[str, str], full: bool, fp16: bool) -> bytes
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def _decoded_probe(model: DCSS, per_center: int = 32, seed: int = 0) -> np.ndarray:
-    """Samples ``x`` decoded from points around each cluster center (used when no real data is at hand)."""
-    assert model.centers is not None and model.autoencoder is not None and model.normalizer is not None
+def _probe(ref: DCSSModel, shape: Optional[Tuple[int, ...]], full: bool, per_center: int = 32,
+           seed: int = 0) -> Tuple[Tensor, str]:
+    """Points around each cluster center when no real data is at hand: ``u`` for a head export, else ``x``
+    decoded from them (uniform/normal samples in normalised space where the decoder does not give ``x`` back)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        c = model.centers.centers.detach().cpu().float()
+        c = ref.centers.centers.detach().cpu().float()
         spread = torch.pdist(c).median().item() / 4 if len(c) > 1 else 1.0
+        spread = spread if np.isfinite(spread) and spread > 0 else 1.0  # centers never initialised: all equal
         noise = torch.randn(len(c) * per_center, c.shape[1], generator=g, dtype=torch.float32)
         u = c.repeat_interleave(per_center, 0) + spread / max(c.shape[1], 1) ** 0.5 * noise
-        ae = copy.deepcopy(model.autoencoder).to("cpu", torch.float32).eval()
-        x_norm = ae.decode(u)
-        if x_norm.numel() != len(u) * int(np.prod(model.input_shape)):  # a decoder that does not give x back (a
-            # timm backbone's features): uniform samples over the normalised training range instead
-            x_norm = torch.rand((len(u), *model.input_shape), generator=g)  # type: ignore[misc]
-        x_norm = x_norm.reshape(len(u), *model.input_shape)  # type: ignore[misc]
-        norm = model.normalizer
-        x = x_norm * norm.scale.float() + norm.offset.float()
-    return x.numpy().astype(np.float32)
+        if not full:
+            return u, "u sampled around the cluster centers"
+        assert shape is not None
+        xn: Optional[Tensor] = None
+        if ref.decoder is not None:
+            try:
+                xn = ref.decoder(u)
+            except Exception as exc:  # noqa: BLE001 - a decoder of another kind of target: fall back below
+                log.info("decoder does not map the probe u back to x (%s)", exc)
+        if xn is None or xn.numel() != len(u) * int(np.prod(shape)):  # no decoder, or one that reconstructs
+            # something else (a timm backbone's features): random samples in the normalised space instead
+            draw = torch.randn if len(shape) == 1 else torch.rand
+            xn = draw((len(u), *shape), generator=g)
+        x = xn.reshape(len(u), *shape) * ref.normalize.scale.float() + ref.normalize.offset.float()
+    return x, "samples decoded from the cluster centers"
 
 
-def _check_inputs(model: DCSS, run_dir: Optional[str], check_data: Any) -> Tuple[np.ndarray, str]:
-    """Data ``x`` to verify the export on, and where it came from."""
+def _training_data(run_dir: Optional[str]) -> Tuple[Optional[Tensor], str]:
+    """The training data named in ``run_dir/report.json`` (a file, or the digits set), if it can be read."""
     from dcss_plugin.data import load_array, load_named_dataset
 
-    if check_data is not None:
-        x = check_data.detach().cpu().numpy() if isinstance(check_data, Tensor) else np.asarray(check_data)
-        return x.astype(np.float32, copy=False), "check_data"
     report = os.path.join(run_dir, "report.json") if run_dir and os.path.isdir(run_dir) else None
     if report and os.path.exists(report):
         try:
             with open(report, "r", encoding="utf-8") as fh:
                 source = str(json.load(fh).get("source", ""))
             if source.startswith("file:") and os.path.exists(source[5:]):
-                return np.asarray(load_array(source[5:]), dtype=np.float32), source
+                return torch.as_tensor(np.asarray(load_array(source[5:]), dtype=np.float32)), source
             if source == "dataset:digits":
-                return load_named_dataset("digits")[0].numpy(), source
-        except Exception as exc:  # noqa: BLE001 - fall back to the decoded probe
+                return load_named_dataset("digits")[0].float(), source
+        except Exception as exc:  # noqa: BLE001 - fall back to the probe
             log.info("could not read the training data named in %s (%s)", report, exc)
-    return _decoded_probe(model), "samples decoded from the cluster centers"
+    return None, ""
+
+
+def _as_tensor(data: Any) -> Tensor:
+    if isinstance(data, Tensor):
+        return data.detach().to("cpu", torch.float32)
+    return torch.as_tensor(np.asarray(data, dtype=np.float32))
+
+
+def _reference_outputs(ref: DCSSModel, full: bool, shape: Optional[Tuple[int, ...]], x: Optional[Tensor] = None,
+                       u: Optional[Tensor] = None, chunk: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
+    """The graph input (``x`` for a full export, ``u = encode(x)`` for a head export) and PyTorch's ``q``."""
+    with torch.no_grad():
+        if x is not None:
+            if shape is not None and len(shape) == 3 and shape[0] == 1 and tuple(x.shape[1:]) == shape[1:]:
+                x = x.unsqueeze(1)  # (N, H, W) for samples (1, H, W)
+            if full and tuple(x.shape[1:]) != shape:
+                raise ValueError(f"The check data has samples of shape {tuple(x.shape[1:])}; this export's input "
+                                 f"x has samples of shape {shape}.")
+            u = torch.cat([ref.encode(x[i:i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else None
+        assert u is not None
+        q = torch.cat([ref.head(u[i:i + chunk]) for i in range(0, len(u), chunk)])
+    graph_in = x if full else u
+    assert graph_in is not None
+    return np.ascontiguousarray(graph_in.numpy(), dtype=np.float32), q.float().numpy()
 
 
 def _ort_outputs(data: bytes, inputs: np.ndarray, provider: str = "cpu",
@@ -350,21 +494,14 @@ def _cuda_runs() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
 
 
-def _verify(model: DCSS, data: bytes, full: bool, fp16: bool, x: np.ndarray, source: str) -> None:
-    """Run the exported bytes with onnxruntime and compare with the PyTorch model (float32).
+def _compare(data: bytes, graph_in: np.ndarray, q_ref: np.ndarray, fp16: bool, source: str) -> None:
+    """Run the exported bytes with onnxruntime and compare with PyTorch's (float32) ``q_ref``.
 
-    float32: ``q`` within 1e-4 of ``predict_proba`` on up to 4096 rows (CPU provider).
-    fp16: the same label for every row (up to 200,000), on the CPU provider and, where it runs, on CUDA (where
-    float16 arithmetic really happens; onnxruntime's CPU provider computes most float16 ops in float32 after
-    inserting casts, so there only the weight rounding shows). Else ``ValueError``.
+    float32: ``q`` within 1e-4 (CPU provider). fp16: the same label for every row, on the CPU provider and, where
+    it runs, on CUDA (where float16 arithmetic really happens; onnxruntime's CPU provider computes most float16 ops
+    in float32 after inserting casts, so there only the weight rounding shows). Else ``ValueError``.
     """
-    x = x[:200_000 if fp16 else 4096]
-    q_ref = model.predict_proba(x)
     ref = q_ref.argmax(1)
-    graph_in = x if full else model.transform(x)
-    if full and graph_in.ndim == len(model.input_shape or ()):  # (N, H, W) for (1, H, W)
-        graph_in = graph_in[:, None]
-    graph_in = np.ascontiguousarray(graph_in, dtype=np.float32)
     if not fp16:
         q, _ = _ort_outputs(data, graph_in)
         err = float(np.abs(q - q_ref).max()) if len(q) else 0.0
@@ -388,38 +525,51 @@ def _verify(model: DCSS, data: bytes, full: bool, fp16: bool, x: np.ndarray, sou
                  float(np.abs(q - q_ref).max()) if len(q) else 0.0)
 
 
-# ---------------------------------------------------------------------------------------------------- public
-def _resolve_model(model_or_run_dir: Union[DCSS, str, os.PathLike]) -> Tuple[DCSS, Optional[str]]:
-    if isinstance(model_or_run_dir, DCSS):
-        model = model_or_run_dir
-        if model.head is None or model.autoencoder is None or model.normalizer is None or model.input_shape is None:
-            raise ValueError("This DCSS model is not fitted yet; fit it (or DCSS.load a checkpoint) before export.")
-        return model, None
-    path = os.fspath(model_or_run_dir)
-    from dcss_plugin.estimator import CHECKPOINT_FORMAT
-    from dcss_plugin.io import load_checkpoint
+def _verify(src: ExportSource, data: bytes, shape: Optional[Tuple[int, ...]], full: bool, fp16: bool,
+            check_data: Any) -> None:
+    """Compare the exported graph with a float32 CPU copy of the model on the best data at hand.
 
-    if (load_checkpoint(path, CHECKPOINT_FORMAT).get("autoencoder_spec") or {}).get("timm"):
-        from dcss_plugin.adapters.timm import load_timm_dcss  # a timm backbone: rebuilt from the checkpoint's spec
-
-        model = load_timm_dcss(path, device="cpu")
+    Data: ``check_data``; for fp16 else the training data the run's ``report.json`` names; else points around the
+    cluster centers (with a warning for fp16, where the check decides whether the file is written).
+    Rows: up to 4096 (float32, ``q`` compared) or 200,000 (fp16, labels compared).
+    """
+    ref = _reference(src.model)
+    limit = 200_000 if fp16 else 4096
+    x, source = (_as_tensor(check_data), "check_data") if check_data is not None else (None, "")
+    if x is None and fp16:
+        x, source = _training_data(src.run_dir)
+    if x is not None:
+        graph_in, q_ref = _reference_outputs(ref, full, shape, x=x[:limit])
     else:
-        model = DCSS.load(path, device="cpu")
-    return model, (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+        probe, source = _probe(ref, shape, full)
+        graph_in, q_ref = _reference_outputs(ref, full, shape, **{"x" if full else "u": probe})
+    if len(graph_in) == 0:
+        raise ValueError("check_data is empty; give at least one sample.")
+    _compare(data, graph_in, q_ref, fp16, source)
+    if fp16 and x is None:
+        warnings.warn(f"fp16 labels were checked only on {source}; pass check_data (real samples) for a meaningful "
+                      "check.", stacklevel=3)
 
 
-def export_assigner(model_or_run_dir: Union[DCSS, str, os.PathLike], path: Union[str, os.PathLike],
-                    full: bool = False, fp16: bool = False, *, check_data: Any = None, exporter: str = "auto",
-                    verify: bool = True) -> str:
-    """Write a fitted DCSS model as one self-contained ONNX file (atomically) and return its path.
+# ---------------------------------------------------------------------------------------------------- public
+def export_assigner(model: Union[DCSSModel, DCSS, str, os.PathLike], path: Union[str, os.PathLike], *,
+                    full: bool = False, fp16: bool = False, input_shape: Optional[Sequence[int]] = None,
+                    check_data: Any = None, exporter: str = "auto", verify: bool = True) -> str:
+    """Write a DCSS model as one self-contained ONNX file (atomically) and return its path.
 
     Args:
-        model_or_run_dir: a fitted :class:`DCSS`, a run directory written by ``dcss fit`` or a checkpoint path.
+        model: a :class:`DCSSModel` (from any training loop), a fitted :class:`DCSS`, or a run directory written
+            by ``dcss fit`` (or a checkpoint path).
         path: the ``.onnx`` file to write.
-        full: encoder + head with input ``x`` (N, *sample_shape); else the head alone, input ``u`` (N, d).
+        full: normalisation + encoder + selected head with input ``x`` (N, *sample_shape); else the head alone,
+            input ``u`` (N, d).
         fp16: float16 weights and compute (float32 I/O); refused unless every label of the check data stays.
-        check_data: samples ``x`` (N, *sample_shape) to verify the export on (fp16: label check). Default: the
-            run's training data when ``report.json`` names it, else samples decoded from the cluster centers.
+        input_shape: the shape of one sample ``x`` (without the batch axis); default: the estimator's
+            ``input_shape_``, ``model.spec["input_shape"]``, or the shape of ``check_data``. A full export
+            needs one of them.
+        check_data: samples ``x`` (N, *sample_shape) to verify the export on. Default: points around the cluster
+            centers (decoded to ``x`` for a full export); for fp16 the run's training data first, when its
+            ``report.json`` names it.
         exporter: ``"auto"`` (TorchScript exporter while torch ships it, else dynamo), ``"torchscript"`` or
             ``"dynamo"``.
         verify: run the exported graph with onnxruntime against PyTorch before writing (always on for fp16).
@@ -427,28 +577,27 @@ def export_assigner(model_or_run_dir: Union[DCSS, str, os.PathLike], path: Union
     Returns:
         ``path`` as a string.
 
+    Raises:
+        ValueError: a full export without a known input shape, an fp16 export that changes a label, an unfitted
+            estimator, ``path`` a directory.
+
     Example:
-        >>> model = DCSS(n_clusters=10).fit(load_digits().images)
-        >>> export_assigner(model, "assigner.onnx", full=True)
-        >>> OnnxClusterAssigner("assigner.onnx")(load_digits().images).label[:5]
+        >>> model = DCSSModel(encoder, n_clusters=10, latent_dim=10, normalize=Normalize.fit(x))   # own loop ...
+        >>> export_assigner(model, "assigner.onnx", full=True, input_shape=(1, 8, 8))
+        >>> OnnxClusterAssigner("assigner.onnx")(x).label[:5]
     """
-    model, run_dir = _resolve_model(model_or_run_dir)
+    src = resolve_source(model)
     out = os.fspath(path)
     if os.path.isdir(out):
         raise ValueError(f"{out!r} is a directory; give a file name such as {os.path.join(out, 'assigner.onnx')!r}.")
-    shape = tuple(int(s) for s in model.input_shape)  # type: ignore[union-attr]
-    d = int(model.config.latent_dim)
-    graph = build_graph(model, full, fp16)
-    example = torch.zeros((2, *shape) if full else (2, d), dtype=torch.float32)  # batch 2: no size-1 specialising
-    input_name = "x" if full else "u"
-    proto, used = _to_onnx(graph, example, input_name, exporter)
-    data = _finalize(proto, _metadata(model, full, fp16, used), full, fp16)
-    if verify or fp16:  # fp32 needs no real data to compare q; fp16 labels are checked on the best data at hand
-        x, source = _check_inputs(model, run_dir if fp16 else None, check_data)
-        _verify(model, data, full, fp16, x, source)
-        if fp16 and source.startswith("samples decoded"):
-            warnings.warn("fp16 labels were checked only on samples decoded from the cluster centers; pass "
-                          "check_data (real samples) for a meaningful check.", stacklevel=2)
+    shape = _input_shape(src, input_shape, check_data, full)
+    graph = build_graph(src.model, full, fp16)
+    example = torch.zeros((2, *shape) if full else (2, src.model.latent_dim))  # type: ignore[misc]
+    _check_traceable(graph, example)  # batch 2: no size-1 specialising
+    proto, used = _to_onnx(graph, example, "x" if full else "u", exporter)
+    data = _finalize(proto, _metadata(src, shape, full, fp16, used), full, fp16)
+    if verify or fp16:
+        _verify(src, data, shape, full, fp16, check_data)
     atomic_write_bytes(out, data)
     log.info("wrote %s (%s export, %s, %d bytes, %s exporter)", out, "full" if full else "head",
              "fp16" if fp16 else "fp32", len(data), used)

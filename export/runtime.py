@@ -1,5 +1,8 @@
 """OnnxClusterAssigner: cluster assignment with onnxruntime from a file written by :func:`export_assigner`.
 
+The assigner needs only the file: it never rebuilds a :class:`~dcss_plugin.DCSSModel` (the model may come from a
+user's own loop, whose encoder class is unknown here); everything it checks is in the file's metadata.
+
 * The file is checked before anything runs: readable ONNX, dcss-plugin metadata present, the SHA-256 digest of
   graph + metadata unchanged since export, graph I/O as the metadata says.
 * Provider: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when it really runs, else CPU). onnxruntime silently falls
@@ -104,14 +107,15 @@ def read_assigner(path: Union[str, os.PathLike]) -> Tuple[bytes, Dict[str, str]]
     if meta.get("format") != ASSIGNER_FORMAT:
         raise AssignerFileError(
             f"{path!r} is an ONNX model but not a dcss-plugin cluster assigner: its metadata lacks "
-            f"format={ASSIGNER_FORMAT!r}. Export one with `dcss export RUN_DIR --out FILE.onnx`.")
+            f"format={ASSIGNER_FORMAT!r}. Export one with `dcss export RUN_DIR --out FILE.onnx` or "
+            "dcss_plugin.export.onnx.export_assigner(model, FILE).")
     missing = sorted(set(METADATA_KEYS) - set(meta))
     if missing:
         raise AssignerFileError(f"{path!r} lacks the metadata entries {missing}; export it again with this version.")
     if metadata_digest(proto) != meta[DIGEST_KEY]:
         raise AssignerFileError(
             f"{path!r} failed its integrity check (digest mismatch): the graph or its metadata changed after export, "
-            "so the file is corrupt or was tampered with. Export it again from the run directory.")
+            "so the file is corrupt or was tampered with. Export it again from the run directory or the model.")
     if any(uses_external_data(t) for t in proto.graph.initializer):
         raise AssignerFileError(f"{path!r} refers to external tensor data; a dcss assigner is one self-contained file.")
     inputs = [i.name for i in proto.graph.input]

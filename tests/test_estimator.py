@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcss_plugin import DCSS, DataError, evaluate, phase1_size_prior
+from dcss_plugin import DCSS, DataError, evaluate
 
 FAST = dict(pretrain_epochs=15, phase1_epochs=4, phase2_epochs=15, verbose=False)
 
@@ -51,7 +51,7 @@ def test_save_load_roundtrip(blob_model, tmp_path):
     loaded = DCSS.load(tmp_path / "m.pt")
     np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
     np.testing.assert_array_equal(loaded.transform(x), model.transform(x))
-    assert loaded.config == model.config
+    assert loaded.config_ == model.config_
 
 
 def test_labels_are_never_read(blob_model):
@@ -87,37 +87,28 @@ def test_bad_input_to_predict_and_fit(blob_model, tmp_path):
     with pytest.raises(RuntimeError, match="not fitted"):
         DCSS(3).predict(x)
     with pytest.raises(ValueError, match="preset"):
-        DCSS(3, preset="fast")
+        DCSS(3, preset="fast").fit(x)
     (tmp_path / "bad.pt").write_bytes(b"\x00corrupt")
     with pytest.raises(ValueError, match="could not be read"):
         DCSS.load(tmp_path / "bad.pt")
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a dcss-plugin"):
+    with pytest.raises(ValueError, match="not a DCSS checkpoint"):
         DCSS.load(tmp_path / "other.pt")
 
 
 def test_paper_preset_runs_faithful_settings():
     x, y = blobs(seed=2)
     model = DCSS(4, preset="paper", seed=0, mlp_hidden_dims=(64, 64), **FAST).fit(x)
-    cfg = model.config
+    cfg = model.config_
     assert (cfg.m, cfg.lam, cfg.zeta, cfg.gamma, cfg.T1, cfg.T2) == (1.5, 0.1, 0.8, 0.2, 2, 5)
     assert (cfg.augment, cfg.neighbors, cfg.balance_weight, cfg.exclude_self) == (False, 0, 0.0, False)
     assert evaluate(y, model.labels_)["acc"] > 0.5  # well above chance (0.25) on easy blobs
 
 
-def test_phase1_size_prior_and_tolerance_come_from_the_phase1_partition():
+def test_balance_tolerance_comes_from_the_phase1_partition():
     x, y = blobs(n_per=30, k=3, seed=3)
     x = x[np.sort(np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:15], np.flatnonzero(y == 2)[:6]]))]
-    model = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), balance_tolerance="phase1", balance_prior="phase1",
-                 **{**FAST, "phase2_epochs": 80}).fit(x)  # 40 epochs of u-space targets
-    labels1 = torch.as_tensor(model.history_["labels_after_phase1"])
-    # the prior is measured on the head when the targets switch to q q^T (its cluster indices, not the centers'):
-    # the Phase-1 sizes, up to order, once the head has learned the Phase-1 memberships
-    prior = model.history_["balance_prior"]
-    assert prior.shape == (1, 3) and prior.sum() == pytest.approx(1.0, abs=1e-5) and prior.min() > 0.09
-    np.testing.assert_allclose(np.sort(prior[0]), np.sort(phase1_size_prior(labels1, 3).numpy()), atol=0.05)
-    final = np.bincount(model.labels_, minlength=3) / len(x)
-    np.testing.assert_allclose(prior[0], final, atol=0.1)  # in the head's own order: its clusters keep these sizes
+    model = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), balance_tolerance="phase1", **FAST).fit(x)
     sizes = np.bincount(model.history_["labels_after_phase1"], minlength=3) / len(x)
     sizes = sizes[sizes > 0]
     assert model.history_["balance_tolerance"] == pytest.approx(float(np.sum(sizes * np.log(sizes * 3))))
@@ -126,9 +117,7 @@ def test_phase1_size_prior_and_tolerance_come_from_the_phase1_partition():
     assert fixed.history_["balance_tolerance"] == 0.25
     for bad in (-1.0, "phase2"):
         with pytest.raises(ValueError, match="balance_tolerance"):
-            DCSS(3, balance_tolerance=bad)
-    with pytest.raises(ValueError, match="balance_prior"):
-        DCSS(3, balance_prior="even")
+            DCSS(3, balance_tolerance=bad).fit(x)
 
 
 def test_kmeans_init_is_cosine_after_ntxent_pretraining(monkeypatch):
@@ -166,36 +155,23 @@ def test_three_heads_for_images_and_the_lowest_loss_head_is_kept():
     images = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     model = DCSS(2, seed=0, pretrain_epochs=1, phase1_epochs=2, phase2_epochs=6, verbose=False).fit(images)
     losses = model.history_["head_losses_last_epoch"]
-    assert model.config.num_heads == 3 and len(losses) == 3 and len(set(losses)) == 3  # three distinct heads
+    assert model.config_.num_heads == 3 and len(losses) == 3 and len(set(losses)) == 3  # three distinct heads
     assert model.history_["selected_head"] == int(np.argmin(losses))
     with torch.no_grad():
         u = model.transform(images)
-    assert torch.equal(model.head.eval()(torch.as_tensor(u)).argmax(1), torch.as_tensor(model.labels_))
+    assert len(model.model_.heads) == 1  # only the kept head is saved and exported
+    assert torch.equal(model.model_.head.eval()(torch.as_tensor(u)).argmax(1), torch.as_tensor(model.labels_))
 
 
-def test_neighbor_space_input_mines_the_standardised_inputs_knn_and_u_the_latent_knn():
+def test_phase2_neighbours_are_the_knn_of_u_after_phase1():
     from sklearn.neighbors import NearestNeighbors
 
-    from dcss_plugin import DCSSConfig
-
-    assert DCSSConfig().resolved(images=False).neighbor_space == "u"  # opt-in (see README: mixed on tables)
-    assert DCSSConfig(neighbor_space="input").resolved(images=True).neighbor_space == "input"
-    with pytest.raises(ValueError, match="neighbor_space"):
-        DCSSConfig(neighbor_space="pixels")
     x, _ = blobs(n_per=15, k=3, dim=5, seed=5)
-    x[:, 0] *= 100.0  # unscaled features: the neighbours must come from the standardised input, not from x
-    common = dict(mlp_hidden_dims=(16, 16), pretrain_epochs=2, phase1_epochs=2, phase2_epochs=3, verbose=False)
-    z = (x - x.mean(0)) / x.std(0)
-    expected = NearestNeighbors(n_neighbors=6).fit(z).kneighbors(z)[1][:, 1:]
-    raw = NearestNeighbors(n_neighbors=6).fit(x).kneighbors(x)[1][:, 1:]
-    assert not np.array_equal(np.sort(expected, 1), np.sort(raw, 1))  # the test can tell the two apart
-    knn_in = DCSS(3, seed=0, neighbor_space="input", **common).fit(x).history_["knn"]
-    assert np.array_equal(np.sort(knn_in, 1), np.sort(expected, 1))
-    model_u = DCSS(3, seed=0, **{**common, "phase2_epochs": 0}).fit(x)  # u as after Phase 1
+    common = dict(mlp_hidden_dims=(16, 16), pretrain_epochs=2, phase1_epochs=2, phase2_epochs=0, verbose=False)
+    model_u = DCSS(3, seed=0, **common).fit(x)  # u as after Phase 1
     u = model_u.transform(x)
     expected_u = NearestNeighbors(n_neighbors=6).fit(u).kneighbors(u)[1][:, 1:]
     assert np.array_equal(np.sort(model_u.history_["knn"], 1), np.sort(expected_u, 1))
-    assert not np.array_equal(np.sort(expected_u, 1), np.sort(expected, 1))
 
 
 def test_u_space_stage_lasts_at_least_T2_min_steps():
@@ -206,9 +182,9 @@ def test_u_space_stage_lasts_at_least_T2_min_steps():
     capped = DCSS(3, seed=0, phase2_epochs=12, T2_min_steps=30, **common).fit(x)
     assert capped.history_["u_stage_epochs"] == 6  # at most half of Phase 2
     paper = DCSS(3, preset="paper", seed=0, phase2_epochs=12, **common).fit(x)
-    assert paper.history_["u_stage_epochs"] == 5 and paper.config.T2_min_steps == 0  # exactly T2 epochs
+    assert paper.history_["u_stage_epochs"] == 5 and paper.config_.T2_min_steps == 0  # exactly T2 epochs
     with pytest.raises(ValueError, match="T2_min_steps"):
-        DCSS(3, T2_min_steps=-1)
+        DCSS(3, T2_min_steps=-1).fit(x)
 
 
 def test_neighbor_embedding_pretraining_gives_u_that_kmeans_clusters_better():
@@ -226,9 +202,9 @@ def test_neighbor_embedding_pretraining_gives_u_that_kmeans_clusters_better():
                        .history_["labels_after_pretrain"])["acc"] for w in (0.0, 1.0)}
     assert acc[1.0] >= base + 0.08 and acc[1.0] >= acc[0.0] + 0.08, (acc, base)
     with pytest.raises(ValueError, match="neighbor_embedding_weight"):
-        DCSS(3, neighbor_embedding_weight=-1.0)
+        DCSS(3, neighbor_embedding_weight=-1.0).fit(x)
     with pytest.raises(ValueError, match="neighbor_embedding_k"):
-        DCSS(3, neighbor_embedding_k=0)
+        DCSS(3, neighbor_embedding_k=0).fit(x)
 
 
 @pytest.mark.slow
@@ -244,30 +220,69 @@ def test_default_recipe_on_digits_beats_kmeans():
     assert ours["nmi"] >= base["nmi"] + 0.08, (ours, base)
 
 
-def test_linear_path_option_starts_at_pca():
-    """``mlp_linear_path`` is off unless asked for; when on, the estimator starts it at PCA of the standardised
-    input (no training: u equals the PCA scores)."""
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
+def test_sklearn_estimator_contract():
+    """``clone``, ``get_params``/``set_params``; ``__init__`` only stores; bad parameters fail fast in ``fit``."""
+    import time
 
-    from dcss_plugin import DCSSConfig
+    from sklearn.base import clone
 
-    assert DCSSConfig(3).resolved(images=False).mlp_linear_path is False
-    assert DCSSConfig(3, mlp_linear_path=True).resolved(images=False).mlp_linear_path is True
-    x, _ = blobs(n_per=30, k=3, dim=16, seed=4)
-    zero = dict(pretrain_epochs=0, phase1_epochs=0, phase2_epochs=0, verbose=False)
-    assert not DCSS(3, seed=0, mlp_hidden_dims=(32,), **zero).fit(x).autoencoder.linear_path
-    model = DCSS(3, seed=0, mlp_hidden_dims=(32,), mlp_linear_path=True, **zero).fit(x)
-    scores = PCA(10).fit_transform(StandardScaler().fit_transform(x.astype(np.float64)))
-    np.testing.assert_allclose(np.abs(model.transform(x)), np.abs(scores), atol=1e-3)
+    est = DCSS(4, m=1.3, batch_size=64, verbose=False)
+    params = est.get_params()
+    assert params["m"] == 1.3 and params["batch_size"] == 64 and params["n_clusters"] == 4
+    assert {"encoder", "decoder", "device", "verbose", "seed", "T1", "T2", "lam"} <= set(params)
+    copy = clone(est)
+    assert copy.get_params() == params and copy is not est
+    assert est.set_params(m=1.4).m == 1.4
+    assert not any(k.endswith("_") for k in vars(DCSS(3)))  # nothing fitted before fit
+    x, _ = blobs(n_per=10, k=3)
+    for bad, err in (({"n_clusters": 2.7}, TypeError), ({"n_clusters": 1}, ValueError), ({"m": 1.0}, ValueError),
+                     ({"batch_size": "big"}, TypeError), ({"zeta": 0.1, "gamma": 0.5}, ValueError),
+                     ({"verbose": "yes"}, TypeError), ({"encoder": "resnet"}, TypeError)):
+        t0 = time.perf_counter()
+        with pytest.raises(err):
+            DCSS(**bad).fit(x)
+        assert time.perf_counter() - t0 < 1.0, bad  # rejected before any work
+    with pytest.raises(TypeError, match="unknown option"):
+        DCSS(3, autoencoder_module=None)
 
 
-def test_linear_path_model_saves_loads_and_clusters(tmp_path):
-    x, y = blobs(n_per=40, k=3, dim=16, seed=5)
-    model = DCSS(3, seed=0, mlp_hidden_dims=(32, 32), mlp_linear_path=True, **FAST).fit(x)
-    assert model.config.mlp_linear_path and model.autoencoder.linear_path
-    assert evaluate(y, model.labels_)["acc"] > 0.9
+def test_fitted_attributes_end_in_underscore(blob_model):
+    model, x, _ = blob_model
+    from dcss_plugin import DCSSModel
+
+    assert isinstance(model.model_, DCSSModel) and model.input_shape_ == (8,)
+    assert model.labels_.dtype == np.int64 and model.config_.m == 1.2 and "time_s" in model.history_
+    fitted = {k for k in vars(model) if k.endswith("_")}
+    assert fitted == {"model_", "labels_", "config_", "input_shape_", "history_"}
+
+
+def test_own_encoder_and_decoder_modules(tmp_path):
+    """``DCSS(encoder=, decoder=)`` trains a user's networks; ``load`` needs the same architecture again."""
+    from torch import nn
+
+    x, y = blobs(n_per=30, k=3, dim=8, seed=6)
+    make = lambda: (nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)),  # noqa: E731
+                    nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 8)))
+    enc, dec = make()
+    model = DCSS(3, seed=0, latent_dim=4, encoder=enc, decoder=dec, **FAST).fit(x)
+    assert model.model_.encoder is enc and evaluate(y, model.labels_)["acc"] > 0.9
     model.save(tmp_path / "m.pt")
-    loaded = DCSS.load(tmp_path / "m.pt")
-    assert loaded.autoencoder.linear_path
-    np.testing.assert_allclose(loaded.predict_proba(x), model.predict_proba(x), atol=1e-6)
+    with pytest.raises(ValueError, match="custom encoder"):
+        DCSS.load(tmp_path / "m.pt")
+    loaded = DCSS.load(tmp_path / "m.pt", encoder=make()[0], decoder=make()[1])
+    np.testing.assert_array_equal(loaded.predict_proba(x), model.predict_proba(x))
+    with pytest.raises(TypeError, match="decoder"):
+        DCSS(3, encoder=make()[0]).fit(x)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_loads_checkpoints_of_the_previous_version(kind):
+    """tests/data/checkpoint_v1_*.pt were written by dcss-plugin 0.1.0's estimator (format checkpoint-v1) with the
+    predictions it made; this version reads them and predicts the same."""
+    import os
+
+    here = os.path.join(os.path.dirname(__file__), "data")
+    ref = np.load(os.path.join(here, f"checkpoint_v1_{kind}_expected.npz"))
+    est = DCSS.load(os.path.join(here, f"checkpoint_v1_{kind}.pt"))
+    np.testing.assert_allclose(est.predict_proba(ref["x"]), ref["q"], atol=1e-6)
+    np.testing.assert_allclose(est.transform(ref["x"]), ref["u"], atol=1e-5)

@@ -4,17 +4,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from dcss_plugin import DCSS, DataError  # noqa: E402
-from dcss_plugin.cli import main  # noqa: E402
+from dcss_plugin import DCSS, DataError, DCSSModel, Normalize, PairwiseSimilarityLoss  # noqa: E402
+from dcss_plugin.app.cli import main  # noqa: E402
 from dcss_plugin.export.onnx import ASSIGNER_FORMAT, METADATA_KEYS, export_assigner  # noqa: E402
 from dcss_plugin.export.runtime import (  # noqa: E402
     AssignerFileError,
@@ -110,15 +112,26 @@ def test_vector_onnx_matches_pytorch(files, vector_model, kind, n):
     assert_matches(assigner(inputs), vector_model.predict_proba(x))
 
 
-def test_vector_linear_path_onnx_matches_pytorch(tmp_path, vectors):
-    """An MLP autoencoder with the PCA-started linear path (``mlp_linear_path=True``) exports and matches too."""
-    model = DCSS(n_clusters=4, mlp_hidden_dims=(64, 64), mlp_linear_path=True, **FAST).fit(vectors)
-    assert model.autoencoder.linear_path
-    x = np.random.default_rng(1).normal(0, 4, size=(100, 20)).astype(np.float32)
-    for full in (False, True):
-        path = export_assigner(model, tmp_path / f"a{int(full)}.onnx", full=full)
+def test_model_estimator_and_run_dir_give_the_same_assigner(tmp_path, files, digits_model, digits):
+    """export_assigner takes the fitted DCSS, its DCSSModel (input shape from model.spec) or the run directory."""
+    run_dir = tmp_path / "run"
+    digits_model.save(run_dir / "checkpoint.pt")
+    x = digits_batch(digits, 300, "digits")
+    ref = digits_model.predict_proba(x)
+    for source in (digits_model.model_, run_dir, run_dir / "checkpoint.pt"):
+        path = export_assigner(source, tmp_path / "a.onnx", full=True)
         assigner = OnnxClusterAssigner(path, provider="cpu")
-        assert_matches(assigner(x if full else model.transform(x)), model.predict_proba(x))
+        assert assigner.sample_shape == (1, 8, 8)
+        assert_matches(assigner(x), ref)
+    meta = read_assigner(export_assigner(digits_model.model_, tmp_path / "m.onnx"))[1]
+    assert meta["preset"] == "none" and json.loads(meta["config"]) == digits_model.model_.config()
+    assert read_assigner(files["digits", "head"])[1]["preset"] == digits_model.config_.preset
+    with pytest.raises(TypeError, match="DCSSModel, a fitted DCSS or a run directory"):
+        export_assigner(42, tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="not fitted"):
+        export_assigner(DCSS(n_clusters=3), tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="is a directory"):
+        export_assigner(digits_model, tmp_path)
 
 
 def test_input_forms_chunking_and_empty(files, digits_model, digits):
@@ -143,6 +156,97 @@ def test_dynamo_exporter_matches_too(tmp_path, digits_model, digits):
         x = digits_batch(digits, n, "digits")
         assert_matches(assigner(x), digits_model.predict_proba(x))
     assert sorted(os.listdir(tmp_path)) == ["dynamo.onnx"]
+
+
+# ---------------------------------------------------------------------------------------------------- own loop
+class TinyEncoder(nn.Module):
+    """(B, 1, 8, 8) -> u (B, 6): what a user might write."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 6))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TinyDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 64), nn.Unflatten(1, (1, 8, 8)))
+
+    def forward(self, u):
+        return self.net(u)
+
+
+@pytest.fixture(scope="module")
+def own_loop_model(digits):
+    """A DCSSModel trained by a plain loop (no estimator): reconstruction, k-means centers, pairwise head steps."""
+    torch.manual_seed(0)
+    x = torch.from_numpy(digits[:, None])
+    model = DCSSModel(TinyEncoder(), n_clusters=10, latent_dim=6, decoder=TinyDecoder(), normalize=Normalize.fit(x))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(10):
+        xn = model.normalize(x[step * 128:(step + 1) * 128])
+        loss = torch.nn.functional.mse_loss(model.decoder(model.encoder(xn)), xn)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        model.centers.init_kmeans(model.encode(x), seed=0, n_init=1)
+    pairs = PairwiseSimilarityLoss()
+    for step in range(5):
+        xb = x[step * 128:(step + 1) * 128]
+        u = model.encode(xb)
+        loss = pairs(model.head(u), target=model.centers(u.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.training and "input_shape" not in model.spec
+    return model
+
+
+def test_own_loop_model_exports_full_with_the_loops_labels(tmp_path, own_loop_model, digits):
+    model = own_loop_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = export_assigner(model, tmp_path / "own.onnx", full=True, input_shape=(1, 8, 8))
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # untouched
+    assigner = OnnxClusterAssigner(path, provider="cpu")
+    assert assigner.input_name == "x" and assigner.input_shape == (1, 8, 8) and assigner.n_clusters == 10
+    assert assigner.metadata["preset"] == "none" and json.loads(assigner.metadata["config"])["latent_dim"] == 6
+    x = torch.from_numpy(digits[:, None])
+    labels = model.predict(x).numpy()
+    assert len(np.unique(labels)) > 1
+    np.testing.assert_array_equal(assigner(digits).label, labels)
+    model.eval()
+    with torch.no_grad():
+        q = model(x).numpy()
+    model.train()
+    assert_matches(assigner(digits), q)
+    # the sample shape may come from check_data as well
+    path = export_assigner(model, tmp_path / "own2.onnx", full=True, check_data=digits[:64, None])
+    np.testing.assert_array_equal(OnnxClusterAssigner(path, provider="cpu")(digits).label, labels)
+
+
+def test_own_loop_model_without_a_known_shape(tmp_path, own_loop_model, digits):
+    """A full export needs the sample shape; a head export does not (input u (N, d))."""
+    with pytest.raises(ValueError, match="A full export needs the shape of one input sample x.*input_shape="):
+        export_assigner(own_loop_model, tmp_path / "full.onnx", full=True)
+    assert not os.path.exists(tmp_path / "full.onnx")
+    with pytest.raises(ValueError, match=r"does not run on a batch of shape \(2, 8, 8\).*input_shape="):
+        export_assigner(own_loop_model, tmp_path / "full.onnx", full=True, input_shape=(8, 8))
+    path = export_assigner(own_loop_model, tmp_path / "head.onnx")
+    assigner = OnnxClusterAssigner(path, provider="cpu")
+    assert assigner.sample_shape == () and assigner.input_shape == (6,)
+    x = torch.from_numpy(digits[:, None])
+    with torch.no_grad():
+        u = own_loop_model.eval().encode(x)
+    own_loop_model.train()
+    np.testing.assert_array_equal(assigner(u.numpy()).label, own_loop_model.predict(x).numpy())
+    # a model file of a custom encoder cannot be rebuilt from a path: export the model object instead
+    own_loop_model.save(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="custom encoder"):
+        export_assigner(tmp_path / "model.pt", tmp_path / "p.onnx")
 
 
 # ---------------------------------------------------------------------------------------------------- the file
@@ -171,16 +275,19 @@ def test_metadata_contents(files, digits_model, vector_model):
         assert read_assigner(path)[1] == meta
         assert set(meta) == set(METADATA_KEYS)
         assert meta["format"] == ASSIGNER_FORMAT and meta["export_kind"] == kind and meta["fp16"] == "false"
-        assert int(meta["n_clusters"]) == model.config.n_clusters and int(meta["latent_dim"]) == model.config.latent_dim
+        assert int(meta["n_clusters"]) == model.config_.n_clusters
+        assert int(meta["latent_dim"]) == model.config_.latent_dim == model.model_.latent_dim
         assert meta["input_name"] == ("x" if kind == "full" else "u")
-        assert json.loads(meta["sample_shape"]) == list(model.input_shape)
-        assert json.loads(meta["input_shape"]) == (list(model.input_shape) if kind == "full" else [10])
+        assert json.loads(meta["sample_shape"]) == list(model.input_shape_)
+        assert json.loads(meta["input_shape"]) == (list(model.input_shape_) if kind == "full" else [10])
         assert meta["dcss_version"] == __import__("dcss_plugin").__version__
-        assert meta["preset"] == model.config.preset and json.loads(meta["config"]) == model.config.to_dict()
+        assert meta["preset"] == model.config_.preset and json.loads(meta["config"]) == model.config_.to_dict()
         norm = json.loads(meta["normalization"])
-        assert norm["kind"] == model.normalizer.kind
-        np.testing.assert_array_equal(np.asarray(norm["offset"], np.float32), model.normalizer.offset.numpy())
-        np.testing.assert_array_equal(np.asarray(norm["scale"], np.float32), model.normalizer.scale.numpy())
+        assert norm["kind"] == ("image" if name == "digits" else "vector")
+        offset, scale = model.model_.normalize.offset, model.model_.normalize.scale
+        assert norm["offset_shape"] == list(offset.shape) and norm["scale_shape"] == list(scale.shape)
+        np.testing.assert_array_equal(np.asarray(norm["offset"], np.float32), offset.numpy())
+        np.testing.assert_array_equal(np.asarray(norm["scale"], np.float32), scale.numpy())
         assert ("encode" in meta["u_definition"]) and ("offset" in meta["u_definition"])
 
 
@@ -190,7 +297,7 @@ def test_head_input_u_is_the_encoder_output_on_normalised_input(files, digits_mo
     norm = assigner.normalization
     x = digits[:50, None]
     with torch.no_grad():
-        u = digits_model.autoencoder.eval().encode(torch.from_numpy((x - norm["offset"]) / norm["scale"])).numpy()
+        u = digits_model.model_.encoder.eval()(torch.from_numpy((x - norm["offset"]) / norm["scale"])).numpy()
     np.testing.assert_array_equal(assigner(u).label, digits_model.predict(digits[:50]))
 
 
@@ -269,7 +376,7 @@ def test_fp16_is_refused_when_labels_change(tmp_path, digits_model, digits):
 # ---------------------------------------------------------------------------------------------------- bad files
 def test_corrupted_bytes_are_refused(tmp_path, files, digits_model):
     data = bytearray(open(files["digits", "full"], "rb").read())
-    weight = digits_model.head.net[0].weight.detach().numpy().astype(np.float32).tobytes()[:64]
+    weight = digits_model.model_.head.net[0].weight.detach().numpy().astype(np.float32).tobytes()[:64]
     at = bytes(data).find(weight)
     assert at > 0
     flipped = bytearray(data)
@@ -369,6 +476,29 @@ def test_iobinding_path_on_cpu_memory(files, digits_model, digits):
     assert_matches(AssignResult(*(t.numpy() for t in result)), digits_model.predict_proba(x.numpy()))
 
 
+def test_concurrent_calls_from_threads(files, digits_model, digits):
+    """One assigner shared by several threads (as a web service does) gives each caller its own right answer."""
+    assigner = OnnxClusterAssigner(files["digits", "full"], provider="cpu", batch_size=256)
+    inputs = [digits_batch(digits, 300 + 97 * i, "random", seed=i) for i in range(6)]
+    expected = [digits_model.predict(x) for x in inputs]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = assigner(inputs[i]).label
+                np.testing.assert_array_equal(results[i], expected[i])
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == len(inputs)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_go_through_iobinding(files, digits_model, digits):
@@ -393,7 +523,7 @@ def test_cli_export_then_assign_gives_predict_labels(tmp_path, digits_model, dig
     np.save(tmp_path / "X.npy", digits)
     np.save(tmp_path / "U.npy", digits_model.transform(digits))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    cli = [sys.executable, "-m", "dcss_plugin.cli"]
+    cli = [sys.executable, "-m", "dcss_plugin.app.cli"]
     done = subprocess.run(cli + ["export", str(run_dir), "--out", str(tmp_path / "F.onnx")], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 0, done.stderr

@@ -1,5 +1,6 @@
-"""Lightly adapter: DCSSClusterHead, DCSSClusterLoss (against a naive double loop, gradcheck, 2-process gloo),
-batched SimCLR views, and the fit used by ``dcss fit --ssl simclr``."""
+"""Lightly adapter: DCSSClusterHead, DCSSClusterLoss (against a naive double loop and against DCSSLoss, the
+estimator's objective; gradcheck; 2-process gloo), batched SimCLR views, and the fit used by ``dcss fit --ssl simclr``
+(estimator interface, exact resume, quality on digits)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 pytest.importorskip("lightly")
 
-from dcss_plugin import DCSS, DCSSHead  # noqa: E402
+from dcss_plugin import DCSS, DCSSHead, DCSSLoss, DCSSModel  # noqa: E402
 from dcss_plugin.adapters.lightly import (  # noqa: E402
     BatchSimCLRViews,
     DCSSClusterHead,
@@ -33,8 +34,9 @@ def _assignments(b: int, k: int, seed: int, sharp: float = 8.0, dtype=torch.floa
 
 
 def naive_loss(q0, q1, p0=None, p1=None, zeta=0.8, gamma=0.2, reduction="balanced", exclude_self=True,
-               positive_weight=1.0, balance_weight=5.0) -> float:
-    """The documented formula, pair by pair, in plain Python floats."""
+               balance_weight=5.0, balance_tolerance=0.0, views_similar=False) -> float:
+    """The documented formula, pair by pair, in plain Python floats. ``views_similar=True`` is the adapter's
+    objective before it became the estimator's: the two views of an image set to ``s_ij = 1`` in the pair term."""
     q = torch.cat([q0, q1]).tolist()
     t = torch.cat([p0, p1]).tolist() if p0 is not None else q
     n, b, k = len(q), len(q0), len(q[0])
@@ -44,7 +46,7 @@ def naive_loss(q0, q1, p0=None, p1=None, zeta=0.8, gamma=0.2, reduction="balance
         for j in range(n):
             if exclude_self and i == j:
                 continue
-            s = 1.0 if i % b == j % b else dot(t[i], t[j])  # the two views of one image are known positives
+            s = 1.0 if views_similar and i % b == j % b else dot(t[i], t[j])
             if s > zeta:
                 pulled.append(1.0 - dot(q[i], q[j]))
             elif s < gamma:
@@ -55,11 +57,11 @@ def naive_loss(q0, q1, p0=None, p1=None, zeta=0.8, gamma=0.2, reduction="balance
         loss = sum(pulled) + sum(pushed)
     else:
         loss = (sum(pulled) + sum(pushed)) / max(len(pulled) + len(pushed), 1)
-    if positive_weight:
-        loss += positive_weight * sum(-math.log(dot(q[i], q[i + b])) for i in range(b)) / b
+    loss += sum(-math.log(dot(q[i], q[i + b])) for i in range(b)) / b  # the known positives: the two views
     if balance_weight:
         mean = [sum(row[c] for row in q) / n for c in range(k)]
-        loss += balance_weight * (sum(m * math.log(m) for m in mean) + math.log(k))
+        kl = sum(m * math.log(m) for m in mean) + math.log(k)
+        loss += balance_weight * max(0.0, kl - balance_tolerance)
     return loss
 
 
@@ -74,6 +76,32 @@ def test_loss_equals_naive_reference(reduction, with_p, exclude_self):
     ref = naive_loss(q0, q1, p0, p1, reduction=reduction, exclude_self=exclude_self)
     assert loss.dim() == 0
     assert loss.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+    tolerant = DCSSClusterLoss(reduction=reduction, exclude_self=exclude_self, balance_tolerance=0.05)
+    ref = naive_loss(q0, q1, p0, p1, reduction=reduction, exclude_self=exclude_self, balance_tolerance=0.05)
+    assert tolerant(q0, q1, p0, p1).item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("with_p", [False, True])
+@pytest.mark.parametrize("settings", [{}, dict(zeta=0.7, gamma=0.3, reduction="mean", exclude_self=False,
+                                                balance_weight=2.0, balance_tolerance=0.01)])
+def test_loss_is_the_estimators_objective(with_p, settings):
+    """DCSSClusterLoss(q0, q1, p0, p1) is DCSSLoss([q0; q1], p=[p0; p1], known_positives=True) on the same batch:
+    value and gradients, in the u-space stage (p given) and the q-space stage (no p)."""
+    b, k = 6, 4
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2 * b, k, generator=g, dtype=torch.float64) * 3
+    p0, p1 = _assignments(b, k, seed=4, sharp=4.0) if with_p else (None, None)
+    ours = DCSSClusterLoss(**settings)
+    theirs = DCSSLoss(u_stage_epochs=5, **settings)
+    theirs.set_epoch(0 if with_p else 5)
+    z_ours, z_theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    q = z_ours.softmax(1)
+    loss_ours = ours(q[:b], q[b:], p0, p1)
+    loss_theirs = theirs(z_theirs.softmax(1), torch.cat([p0, p1]) if with_p else None, known_positives=True)
+    loss_ours.backward()
+    loss_theirs.backward()
+    assert torch.equal(loss_ours.detach(), loss_theirs.detach())
+    assert torch.equal(z_ours.grad, z_theirs.grad)
 
 
 def test_reference_case_has_all_pair_kinds():
@@ -87,19 +115,27 @@ def test_reference_case_has_all_pair_kinds():
     assert ((s[other] >= 0.2) & (s[other] <= 0.8)).sum() > 0
 
 
-def test_view_pairs_are_pulled_even_when_targets_say_dissimilar():
-    # view 0 of every image in cluster 0, view 1 in cluster 1: the targets call the view pairs dissimilar
+def test_views_are_known_positives_pulled_by_the_log_term_not_set_similar():
+    """View 0 of every image in cluster 0, view 1 in cluster 1: the targets call the view pairs dissimilar. The pair
+    term treats them as such (s_ij is not overridden, as in the estimator); with the default balanced reduction the
+    -log(q0 . q1) pull wins."""
     b = 4
-    q0 = torch.tensor([[0.98, 0.01, 0.01]] * b, dtype=torch.float64)
-    q1 = torch.tensor([[0.01, 0.98, 0.01]] * b, dtype=torch.float64)
-    only_pairs = DCSSClusterLoss(positive_weight=0.0, balance_weight=0.0, reduction="sum")
-    loss = only_pairs(q0, q1)
-    assert loss.item() == pytest.approx(naive_loss(q0, q1, reduction="sum", positive_weight=0, balance_weight=0))
-    # the b*2 view pairs contribute (1 - q0.q1) each; treating them as pushed instead would give q0.q1 each
-    d = float((q0[0] * q1[0]).sum())
-    within = 2 * b * (b - 1) * (1 - float((q0[0] * q0[0]).sum()))  # same-view pairs: s > zeta, pulled
-    across_other = 2 * b * (b - 1) * d  # other images across views: s < gamma, pushed
-    assert loss.item() == pytest.approx(within + across_other + 2 * b * (1 - d))
+    z0 = torch.log(torch.tensor([[0.98, 0.01, 0.01]] * b, dtype=torch.float64))
+    z1 = torch.log(torch.tensor([[0.01, 0.98, 0.01]] * b, dtype=torch.float64)).requires_grad_()
+    loss_fn = DCSSClusterLoss(balance_weight=0.0, reduction="sum")
+    q0, q1 = z0.softmax(1), z1.softmax(1)
+    loss = loss_fn(q0, q1)
+    q0d, q1d = q0.detach(), q1.detach()
+    assert loss.item() == pytest.approx(naive_loss(q0d, q1d, reduction="sum", balance_weight=0))
+    assert loss.item() != pytest.approx(naive_loss(q0d, q1d, reduction="sum", balance_weight=0, views_similar=True))
+    d = float((q0d[0] * q1d[0]).sum())
+    within = 2 * b * (b - 1) * (1 - float((q0d[0] * q0d[0]).sum()))  # same-view pairs: s > zeta, pulled
+    across = 2 * b * b * d  # every cross-view pair, the view pairs included: s < gamma, pushed
+    assert loss.item() == pytest.approx(within + across - math.log(d))
+    DCSSClusterLoss()(q0, z1.softmax(1)).backward()  # the defaults: balanced reduction, balance guard
+    with torch.no_grad():  # one gradient step on view 1 brings the views together
+        closer = (q0d * (z1 - 0.1 * z1.grad).softmax(1)).sum(1)
+    assert (closer > d).all()
 
 
 def test_collapse_is_not_a_minimum_with_the_balance_guard():
@@ -107,8 +143,8 @@ def test_collapse_is_not_a_minimum_with_the_balance_guard():
     collapsed = torch.zeros(b, k, dtype=torch.float64)
     collapsed[:, 0] = 1.0
     spread = torch.eye(k, dtype=torch.float64).repeat(2, 1)
-    without = DCSSClusterLoss(balance_weight=0.0, positive_weight=0.0)
-    with_guard = DCSSClusterLoss(balance_weight=5.0, positive_weight=0.0)
+    without = DCSSClusterLoss(balance_weight=0.0)
+    with_guard = DCSSClusterLoss(balance_weight=5.0)
     assert without(collapsed, collapsed).item() == pytest.approx(0.0)  # why the guard is needed
     assert with_guard(collapsed, collapsed).item() == pytest.approx(5 * math.log(k))
     assert with_guard(spread, spread).item() == pytest.approx(0.0, abs=1e-12)
@@ -158,6 +194,8 @@ def test_loss_rejects_bad_targets_and_settings():
         DCSSClusterLoss(zeta=0.2, gamma=0.8)
     with pytest.raises(ValueError, match="reduction"):
         DCSSClusterLoss(reduction="none")
+    with pytest.raises(ValueError, match="balance_weight"):
+        DCSSClusterLoss(balance_weight=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------------- head
@@ -234,14 +272,17 @@ def test_fit_from_cli_args_gives_the_estimator_interface(tmp_path):
     for key in ("time_s", "time_per_epoch_s", "loss"):
         assert set(h[key]) >= {"pretrain", "phase1", "phase2"}
     assert len(h["loss"]["pretrain"]) == 2 and len(h["loss"]["phase2"]) == 2
+    assert len(h["ssl_loss"]) == 2 and len(h["cluster_loss"]) == 2
     for key in ("labels_after_pretrain", "labels_after_phase1"):
         assert h[key].shape == (n,) and h[key].dtype == np.int64
     assert [s[:2] for s in seen] == [("pretrain", 0), ("pretrain", 1), ("phase2", 0), ("phase2", 1)]
     assert os.path.exists(tmp_path / "progress.pt")  # `dcss fit` removes it once the run is written
-    cfg = model.config.to_dict()
+    cfg = model.config_.to_dict()
     assert cfg["n_clusters"] == 10 and cfg["phase1_epochs"] == 0 and cfg["latent_dim"] == 32
     assert cfg["num_heads"] == 1  # what was trained (the estimator's image default is 3)
-    assert model.input_shape == (1, 8, 8)
+    assert model.get_params()["num_heads"] == 1 and model.get_params()["latent_dim"] == 32
+    assert isinstance(model.model_, DCSSModel) and len(model.model_.heads) == 1 and model.model_.decoder is None
+    assert model.input_shape_ == (1, 8, 8)
     assert model.transform(x).shape == (n, 32)
     q = model.predict_proba(x)
     assert q.shape == (n, 10) and np.allclose(q.sum(1), 1, atol=1e-5)
@@ -249,8 +290,12 @@ def test_fit_from_cli_args_gives_the_estimator_interface(tmp_path):
     path = tmp_path / "checkpoint.pt"
     model.save(path)
     torch.load(path, weights_only=True)  # tensors and plain config only
-    loaded = DCSS.load(path)  # a plain DCSS checkpoint: no custom module needed
+    loaded = DCSS.load(path)  # the backbone is a reference conv encoder: no custom module needed
     assert np.array_equal(loaded.predict(x), model.labels_)
+    assert loaded.config_.to_dict() == cfg
+    same = DCSSModel.load(path)
+    assert torch.equal(same.predict(torch.as_tensor(x, dtype=torch.float32).unsqueeze(1)),
+                       torch.as_tensor(model.labels_))
 
 
 def test_fit_resume_gives_the_uninterrupted_labels(tmp_path):
@@ -261,18 +306,22 @@ def test_fit_resume_gives_the_uninterrupted_labels(tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_in_phase2(phase, epoch, stats):
-        if phase == "phase2" and epoch == 1:
-            raise Stop
+    for stop_at in [("pretrain", 1), ("phase2", 1)]:
+        def stop(phase, epoch, stats):
+            if (phase, epoch) == stop_at:
+                raise Stop
 
-    progress = tmp_path / "progress.pt"
-    with pytest.raises(Stop):
-        fit_lightly(x, 4, callback=stop_in_phase2, checkpoint_path=progress, **kw)
-    resumed = fit_lightly(x, 4, checkpoint_path=progress, resume=True, **kw)
-    assert np.array_equal(resumed.labels_, full.labels_)
-    np.testing.assert_allclose(resumed.history_["loss"]["phase2"], full.history_["loss"]["phase2"], rtol=1e-6)
-    with pytest.raises(ValueError, match="other settings"):
+        progress = tmp_path / f"progress_{stop_at[0]}.pt"
+        with pytest.raises(Stop):
+            fit_lightly(x, 4, callback=stop, checkpoint_path=progress, checkpoint_every_s=0.0, **kw)
+        resumed = fit_lightly(x, 4, checkpoint_path=progress, resume=True, **kw)
+        assert np.array_equal(resumed.labels_, full.labels_), stop_at
+        np.testing.assert_allclose(resumed.history_["loss"]["phase2"], full.history_["loss"]["phase2"], rtol=1e-6)
+        assert np.array_equal(resumed.history_["labels_after_pretrain"], full.history_["labels_after_pretrain"])
+    with pytest.raises(ValueError, match="different config"):
         fit_lightly(x, 4, checkpoint_path=progress, resume=True, **{**kw, "phase2_epochs": 4})
+    with pytest.raises(ValueError, match="different config"):
+        fit_lightly(x, 4, checkpoint_path=progress, resume=True, temperature=0.2, **kw)
 
 
 def test_fit_bad_input():
@@ -284,10 +333,24 @@ def test_fit_bad_input():
     bad[3, 2, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         fit_lightly(bad, 3, pretrain_epochs=0, phase2_epochs=0)
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(TypeError, match="n_clusters"):
+        fit_lightly(np.random.rand(50, 8, 8), 2.5)
+    with pytest.raises(ValueError, match="n_clusters"):
         fit_lightly(np.random.rand(50, 8, 8), 1)
     with pytest.raises(ValueError, match="one cluster head"):
         fit_lightly(np.random.rand(50, 8, 8), 3, num_heads=3)
+    with pytest.raises(ValueError, match="no Phase 1"):
+        fit_lightly(np.random.rand(50, 8, 8), 3, phase1_epochs=5)
+
+
+def test_epoch_needs_views():
+    from dcss_plugin.adapters.lightly import SimCLRClusterModel, simclr_dcss_epoch
+    from dcss_plugin.training import Batches
+
+    model = SimCLRClusterModel(DCSSModel(torch.nn.Flatten(), n_clusters=3, latent_dim=64))
+    batches = Batches(torch.rand(8, 1, 8, 8), 4, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="views"):
+        simclr_dcss_epoch(model, torch.nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.1), batches)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""ClusterCenters, DCSSHead, the autoencoders and the metrics."""
+"""ClusterCenters, DCSSHead, the reference networks and the metrics."""
 
 import itertools
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcss_plugin import ClusterCenters, ConvAutoencoder, DCSSHead, MLPAutoencoder, cluster_accuracy, evaluate
+from dcss_plugin import ClusterCenters, DCSSHead, cluster_accuracy, evaluate
+from dcss_plugin.nets import conv_autoencoder, mlp_autoencoder
 from dcss_plugin import functional as F
 
 
@@ -78,20 +79,21 @@ def test_head_outputs_rows_on_simplex_and_is_safe_for_large_inputs():
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (1, 28, 28), (2, 7, 9)])
 def test_conv_autoencoder_reconstructs_exact_shape(shape):
-    ae = ConvAutoencoder(shape, latent_dim=5)
+    enc, dec = conv_autoencoder(shape, latent_dim=5)
     x = torch.randn(3, *shape)
-    u, x_hat = ae(x)
+    u = enc(x)
+    x_hat = dec(u)
     assert u.shape == (3, 5) and x_hat.shape == x.shape
 
 
 def test_mlp_autoencoder_learns_to_reconstruct():
     torch.manual_seed(0)
     x = torch.randn(64, 2) @ torch.randn(2, 12)  # rank-2 data: a 2-d bottleneck can reconstruct it
-    ae = MLPAutoencoder(12, latent_dim=2, hidden_dims=(32,))
-    opt = torch.optim.Adam(ae.parameters(), lr=1e-2)
+    enc, dec = mlp_autoencoder(12, latent_dim=2, hidden_dims=(32,))
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-2)
     first = None
     for _ in range(300):
-        u, x_hat = ae(x)
+        x_hat = dec(enc(x))
         loss = (x - x_hat).pow(2).mean()
         first = first if first is not None else loss.item()
         opt.zero_grad()
@@ -144,50 +146,3 @@ def test_pairwise_loss_module_targets_and_known_positive_ids_match_naive():
         crit(q, sample_ids=ids[:5])
     with pytest.raises(ValueError, match="target"):
         crit(q, target=p[:, :2])
-
-
-def test_mlp_linear_path_starts_at_pca_and_then_learns_the_mlp():
-    """After init_linear_path, u is the top-d PCA scores and x_hat the rank-d PCA reconstruction (both MLPs' last
-    layers are zero); one optimizer step later the MLP path is no longer zero (its gradient is not blocked)."""
-    from sklearn.decomposition import PCA
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 6, generator=g) @ torch.randn(6, 20, generator=g) + 0.1 * torch.randn(200, 20, generator=g)
-    x = x - x.mean(0)  # the estimator feeds standardised (zero-mean) input
-    ae = MLPAutoencoder(20, latent_dim=4, hidden_dims=(32,), linear_path=True)
-    ae.init_linear_path(x)
-    pca = PCA(4).fit(x.double().numpy())
-    u = ae.encode(x).detach().double().numpy()
-    scores = pca.transform(x.double().numpy())
-    np.testing.assert_allclose(np.abs(u), np.abs(scores), atol=1e-4)  # principal axes are defined up to sign
-    recon = pca.inverse_transform(scores)
-    np.testing.assert_allclose(ae.decode(ae.encode(x)).detach().double().numpy(), recon, atol=1e-4)
-    opt = torch.optim.Adam(ae.parameters(), lr=1e-3)
-    loss = (ae(x)[1] - x).pow(2).mean()
-    loss.backward()
-    assert ae.encoder[-1].weight.grad.abs().sum() > 0 and ae.decoder[-1].weight.grad.abs().sum() > 0
-    opt.step()
-    assert ae.encoder(x).abs().sum() > 0  # the non-linear correction is learning
-
-
-def test_mlp_linear_path_wider_than_the_data_rank_and_bad_use():
-    x = torch.randn(3, 5)  # 3 rows: rank <= 3, latent 4 -> the last axis stays zero
-    ae = MLPAutoencoder(5, latent_dim=4, hidden_dims=(8,), linear_path=True)
-    ae.init_linear_path(x)
-    assert torch.isfinite(ae.encode(x)).all() and ae.encoder_linear.weight[3].abs().sum() == 0
-    with pytest.raises(RuntimeError, match="linear_path=True"):
-        MLPAutoencoder(5, 4, (8,)).init_linear_path(x)
-    with pytest.raises(ValueError, match=r"\(N, 5\)"):
-        ae.init_linear_path(torch.randn(10, 6))
-
-
-def test_mlp_linear_path_pca_from_evenly_spaced_rows_when_many():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1000, 3, generator=g) @ torch.randn(3, 12, generator=g)
-    x = x - x.mean(0)
-    full, sub = (MLPAutoencoder(12, 3, (8,), linear_path=True) for _ in range(2))
-    full.init_linear_path(x)
-    sub.init_linear_path(x, max_rows=200)  # rank-3 data: 200 rows span the same principal subspace
-    a, b = full.encoder_linear.weight.detach().double(), sub.encoder_linear.weight.detach().double()
-    np.testing.assert_allclose((a @ a.t()).numpy(), np.eye(3), atol=1e-5)
-    np.testing.assert_allclose((a.t() @ a).numpy(), (b.t() @ b).numpy(), atol=1e-4)  # same projector

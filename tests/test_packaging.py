@@ -24,7 +24,7 @@ def test_wheel_contains_mapped_packages_and_installed_copy_imports(tmp_path):
         assert required in names, f"{required} missing from {wheel}"
     assert not any(n.startswith(("adapters/", "export/", "tests/")) for n in names)
     entry = [n for n in names if n.endswith("entry_points.txt")]
-    assert entry and "dcss = dcss_plugin.cli:main" in zipfile.ZipFile(tmp_path / "dist" / wheel).read(entry[0]).decode()
+    assert entry and "dcss = dcss_plugin.app.cli:main" in zipfile.ZipFile(tmp_path / "dist" / wheel).read(entry[0]).decode()
 
     site = tmp_path / "site"
     inst = subprocess.run(

@@ -12,10 +12,10 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from dcss_plugin import plots
-from dcss_plugin.cli import main
+from dcss_plugin.app import plots
+from dcss_plugin.app.cli import main
 from dcss_plugin.metrics import cluster_accuracy
-from dcss_plugin.report import load_run, write_report
+from dcss_plugin.app.report import load_run, write_report
 
 FAST = ["--pretrain-epochs", "2", "--phase1-epochs", "1", "--phase2-epochs", "2", "--quiet", "--seed", "0"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,7 +27,7 @@ def _skip_html_flag():
     import contextlib
     import io
 
-    from dcss_plugin.cli import build_parser
+    from dcss_plugin.app.cli import build_parser
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -217,7 +217,7 @@ def test_missing_or_corrupt_report_json(tmp_path):
 
 
 def test_import_stays_light():
-    code = ("import sys, dcss_plugin, dcss_plugin.plots, dcss_plugin.report; "
+    code = ("import sys, dcss_plugin, dcss_plugin.app.plots, dcss_plugin.app.report; "
             "heavy = [m for m in ('matplotlib', 'sklearn.manifold') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,4 +1,4 @@
-"""timm adapter: offline weights, timm preprocessing, the three training modes, end-to-end ONNX export.
+"""timm adapter: offline weights, timm preprocessing, the three training modes, checkpoints, end-to-end ONNX export.
 
 Tiny timm test models (``test_resnet``, ``test_vit``, random weights) at 32x32 input and 120 digits keep the whole
 file at a few tens of seconds on two busy CPU cores.
@@ -6,7 +6,6 @@ file at a few tens of seconds on two busy CPU cores.
 
 import argparse
 import math
-import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -15,24 +14,23 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from dcss_plugin import DCSS  # noqa: E402
+from dcss_plugin import DCSS, DCSSModel  # noqa: E402
 from dcss_plugin.adapters.timm import (  # noqa: E402
-    FrozenFeaturePipeline,
+    FrozenFeatureEncoder,
     PretrainedWeightsError,
-    TimmDCSS,
     TimmEncoder,
-    TimmFeatureAutoencoder,
+    TimmFinetuneEncoder,
     TimmInputError,
     UnknownModelError,
     block_groups,
     create_backbone,
-    export_timm_assigner,
     fit_from_cli_args,
     fit_timm,
     last_block_parameter_names,
-    load_timm_dcss,
     prepare_images,
+    timm_autoencoder,
 )
+from dcss_plugin.training import phase_optimizer  # noqa: E402
 
 FAST = dict(pretrain_epochs=2, phase1_epochs=2, phase2_epochs=3, batch_size=64, seed=0, device="cpu")
 SIZE = 32
@@ -85,7 +83,7 @@ def test_weights_from_local_file_equal_saved(tmp_path_factory, name):
     assert set(loaded) == set(saved)
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert enc.weights_report["tensors"] == len(saved) and not enc.weights_report["filtered"]
-    # safetensors and wrapped / DDP-prefixed checkpoints go through the same offline path
+    # safetensors and wrapped / DDP-prefixed checkpoints go through the same offline path (timm's reader)
     st = pytest.importorskip("safetensors.torch")
     st_path = path.with_suffix(".safetensors")
     st.save_file({k: v.contiguous() for k, v in saved.items()}, str(st_path))
@@ -125,6 +123,9 @@ def test_mismatched_weights_name_keys_and_shapes(tmp_path_factory, tmp_path):
     torch.save({"w": torch.zeros(1), "not_a_tensor": Fraction(1, 2)}, tmp_path / "pickled.pth")
     with pytest.raises(PretrainedWeightsError, match="weights_only=True"):
         TimmEncoder("test_resnet", tmp_path / "pickled.pth")
+    torch.save({**saved, "epoch": 3}, tmp_path / "training.pth")  # readable, but not only tensors
+    with pytest.raises(PretrainedWeightsError, match="training checkpoint"):
+        TimmEncoder("test_resnet", tmp_path / "training.pth", img_size=SIZE)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         TimmEncoder("test_resnet", tmp_path / "absent.pth")
 
@@ -155,21 +156,28 @@ def test_prepare_images_equals_timms_transform(digits, name):
     assert float((out - ref).abs().max()) < 1e-5
     odd = torch.rand(2, 3, 37, 53)  # not square, other size: shorter side resized, center crop
     assert float((enc.preprocess(odd) - timm.data.create_transform(**cfg)(odd)).abs().max()) < 1e-5
+    # the encoder applies exactly that preprocessing to images in [0, 1]
+    with torch.no_grad():
+        assert torch.allclose(enc(torch.from_numpy(digits[:6] / 16.0)[:, None]), enc.backbone(ref), atol=1e-5)
 
 
 def test_wrong_channels_or_size_are_clear_errors(digits):
     enc = TimmEncoder("test_resnet", img_size=SIZE)
     with pytest.raises(TimmInputError, match="3-channel input.*got 1 channels.*prepare_images"):
-        enc(torch.rand(2, 1, SIZE, SIZE))
+        enc.features(torch.rand(2, 1, SIZE, SIZE))
     with pytest.raises(TimmInputError, match="32x32 input.*got 40x40"):
-        enc(torch.rand(2, 3, 40, 40))
+        enc.features(torch.rand(2, 3, 40, 40))
+    with pytest.raises(TimmInputError, match="got 2 channels"):
+        enc(torch.rand(2, 2, 8, 8))
     with pytest.raises(TimmInputError, match="got 2 channels"):
         prepare_images(np.zeros((2, 2, 8, 8)), enc)
     with pytest.raises(TimmInputError, match=r"images \(N, H, W\) or \(N, C, H, W\)"):
         fit_timm(digits.reshape(len(digits), -1), 10, "test_resnet", img_size=SIZE, **FAST)
     with pytest.raises(TimmInputError, match="got 2 channels"):
         fit_timm(np.random.rand(20, 2, 8, 8), 3, "test_resnet", img_size=SIZE, **FAST)
-    assert enc(enc.prepare(digits[:2])).shape == (2, enc.num_features)
+    with pytest.raises(TypeError, match="unknown option"):
+        fit_timm(digits, 10, "test_resnet", img_size=SIZE, linear_path=True, **FAST)
+    assert enc.features(enc.prepare(digits[:2])).shape == (2, enc.num_features)
 
 
 # ---------------------------------------------------------------------------------------------------- frozen mode
@@ -178,63 +186,66 @@ def frozen_fit(digits, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache") / "features.npy"
     seen = []
     with _BackboneCalls(timm.models.ResNet) as calls:
-        model, extras = fit_timm(digits, 10, "test_resnet", "frozen", img_size=SIZE, feature_batch_size=50,
-                                 cache_file=cache, mlp_hidden_dims=(64, 64),
-                                 callback=lambda phase, epoch, stats: seen.append((phase, calls.n)), **FAST)
-    return model, extras, cache, seen
+        est = fit_timm(digits, 10, "test_resnet", "frozen", img_size=SIZE, feature_batch_size=50, cache_file=cache,
+                       mlp_hidden_dims=(64, 64), callback=lambda phase, epoch, stats: seen.append((phase, calls.n)),
+                       **FAST)
+    return est, cache, seen, calls.n
 
 
 def test_frozen_mode_caches_features_and_never_runs_the_backbone_while_training(frozen_fit, digits):
-    model, extras, cache, seen = frozen_fit
-    assert extras["features"].shape == (120, 96) and cache.exists()
+    est, cache, seen, total = frozen_fit
+    extra = est.history_["timm"]
+    assert extra["features"].shape == (120, 96) and cache.exists()
     extraction_passes = math.ceil(120 / 50)
     phase2 = [n for phase, n in seen if phase == "phase2"]
     assert len(phase2) == 3 and set(phase2) == {extraction_passes}  # no backbone pass in any Phase-2 epoch
     assert {n for _, n in seen} == {extraction_passes}  # nor in pretraining or Phase 1
+    assert total == extraction_passes  # nor after the fit: labels_, u and q come from the features
+    assert np.array_equal(est.labels_, extra["q"].argmax(1)) and extra["u"].shape == (120, 10)
     # a second run reads the .npy cache: zero backbone passes, same features
     with _BackboneCalls(timm.models.ResNet) as calls:
-        _, again = fit_timm(digits, 10, "test_resnet", "frozen", img_size=SIZE, cache_file=cache,
-                            mlp_hidden_dims=(64, 64), **{**FAST, "pretrain_epochs": 0, "phase1_epochs": 0,
-                                                         "phase2_epochs": 1})
-    assert calls.n == 0 and torch.equal(again["features"], extras["features"])
-    # the slow alternative (frozen backbone inside the autoencoder) runs it in every Phase-2 step
-    ae = TimmFeatureAutoencoder(TimmEncoder("test_resnet", img_size=SIZE), 10, finetune="frozen")
+        again = fit_timm(digits, 10, "test_resnet", "frozen", img_size=SIZE, cache_file=cache,
+                         mlp_hidden_dims=(64, 64), **{**FAST, "pretrain_epochs": 0, "phase1_epochs": 0,
+                                                      "phase2_epochs": 1})
+    assert calls.n == 0 and np.array_equal(again.history_["timm"]["features"], extra["features"])
+    # the slow alternative (frozen backbone inside the encoder) runs it in every Phase-2 step
+    enc, dec = timm_autoencoder(TimmEncoder("test_resnet", img_size=SIZE), 10, finetune="frozen")
     counts = []
     with _BackboneCalls(timm.models.ResNet) as calls:
-        DCSS(10, verbose=False, autoencoder_module=ae, **{**FAST, "pretrain_epochs": 0, "phase1_epochs": 0,
-                                                          "phase2_epochs": 2}).fit(
+        DCSS(10, encoder=enc, decoder=dec, verbose=False, **{**FAST, "pretrain_epochs": 0, "phase1_epochs": 0,
+                                                              "phase2_epochs": 2}).fit(
             digits, callback=lambda phase, epoch, stats: counts.append(calls.n) if phase == "phase2" else None)
     assert counts[0] > 0 and counts[1] > counts[0]
 
 
 def test_frozen_model_predicts_on_images_like_the_feature_model(frozen_fit, digits):
-    model, extras, _, _ = frozen_fit
-    assert isinstance(model.autoencoder, FrozenFeaturePipeline) and model.input_shape == (1, 8, 8)
-    q_images = model.predict_proba(digits)
-    q_features = extras["feature_model"].predict_proba(extras["features"])
-    assert np.abs(q_images - q_features).max() < 1e-5
-    model.autoencoder.inference_batch_size = 7  # the backbone sees at most 7 images per pass: same result
-    assert np.abs(model.predict_proba(digits) - q_images).max() < 1e-6
-    model.autoencoder.inference_batch_size = 256
-    assert np.array_equal(model.predict(digits), model.labels_)
+    est = frozen_fit[0]
+    model = est.model_
+    assert isinstance(model, DCSSModel) and isinstance(model.encoder, FrozenFeatureEncoder)
+    assert est.input_shape_ == (1, 8, 8) and model.spec["kind"] == "timm-frozen"
+    q_images = est.predict_proba(digits)
+    assert np.abs(q_images - est.history_["timm"]["q"]).max() < 1e-5  # q of the feature model on the features
+    model.encoder.timm.inference_batch_size = 7  # the backbone sees at most 7 images per pass: same result
+    assert np.abs(est.predict_proba(digits) - q_images).max() < 1e-6
+    model.encoder.timm.inference_batch_size = 256
+    assert np.array_equal(est.predict(digits), est.labels_)
+    model.train()  # nothing in the frozen pipeline leaves eval mode
+    assert not any(m.training for m in model.encoder.modules())
 
 
 # ---------------------------------------------------------------------------------------------------- last / full
 @pytest.fixture(scope="module")
 def last_resnet(digits, tmp_path_factory):
     path, initial = _weights_file(tmp_path_factory, "test_resnet", seed=3)
-    model, extras = fit_timm(digits, 10, "test_resnet", "last", pretrained_file=path, img_size=SIZE, **FAST)
-    return model, extras, initial
+    est = fit_timm(digits, 10, "test_resnet", "last", pretrained_file=path, img_size=SIZE, **FAST)
+    return est, initial
 
 
 @pytest.fixture(scope="module")
 def full_vit(digits, tmp_path_factory):
     path, initial = _weights_file(tmp_path_factory, "test_vit", seed=4)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)
-        model, extras = fit_timm(digits, 10, "test_vit", "full", pretrained_file=path, img_size=SIZE,
-                                 layer_decay=0.75, **FAST)
-    return model, extras, initial, [str(w.message) for w in caught]
+    est = fit_timm(digits, 10, "test_vit", "full", pretrained_file=path, img_size=SIZE, layer_decay=0.75, **FAST)
+    return est, initial
 
 
 def _changed(before, module):
@@ -255,11 +266,11 @@ def test_block_groups_find_the_last_stage():
 @pytest.mark.parametrize("name, trained", [("test_resnet", ("layer4.",)), ("test_vit", ("blocks.5.", "norm."))])
 def test_last_mode_trains_only_the_last_blocks(digits, tmp_path_factory, last_resnet, name, trained):
     if name == "test_resnet":
-        model, extras, initial = last_resnet
+        est, initial = last_resnet
     else:
         path, initial = _weights_file(tmp_path_factory, name, seed=5)
-        model, extras = fit_timm(digits, 10, name, "last", pretrained_file=path, img_size=SIZE, **FAST)
-    backbone = extras["encoder"].backbone
+        est = fit_timm(digits, 10, name, "last", pretrained_file=path, img_size=SIZE, **FAST)
+    backbone = est.model_.encoder.timm.backbone
     changed = _changed(initial, backbone)
     params = {n for n, _ in backbone.named_parameters()}
     should = {n for n in params if n.startswith(trained)}
@@ -267,86 +278,107 @@ def test_last_mode_trains_only_the_last_blocks(digits, tmp_path_factory, last_re
     frozen_stats = {k for k in changed - params if not k.startswith(trained)}
     assert not frozen_stats  # BatchNorm running statistics of frozen stages are untouched (eval mode)
     assert {n for n, p in backbone.named_parameters() if p.requires_grad} == should
-    assert np.array_equal(model.predict(digits), model.labels_)
+    assert np.array_equal(est.predict(digits), est.labels_)
 
 
 def test_full_mode_trains_everything(full_vit, digits):
-    model, extras, initial, caught = full_vit
-    backbone = extras["encoder"].backbone
-    params = {n for n, _ in backbone.named_parameters()}
-    assert _changed(initial, backbone) >= params
-    if not extras["lr_groups_applied"]:  # an estimator without param-group support says so
-        assert any("param_groups" in m for m in caught)
-    assert np.array_equal(model.predict(digits), model.labels_)
+    est, initial = full_vit
+    backbone = est.model_.encoder.timm.backbone
+    assert _changed(initial, backbone) >= {n for n, _ in backbone.named_parameters()}
+    assert np.array_equal(est.predict(digits), est.labels_)
+    # the estimator's optimizers take the encoder's per-layer groups: 7 decayed backbone rates + the projection
+    opt = phase_optimizer(est.model_, "phase2", 1e-3, encoder_lr_factor=0.1)
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert np.allclose(lrs, sorted({1e-4 * 0.1 * 0.75 ** k for k in range(7)} | {1e-4, 1e-3}))
 
 
 def test_param_groups_apply_layer_decay_as_real_learning_rates():
-    ae = TimmFeatureAutoencoder("test_vit", 10, finetune="full", backbone_lr_scale=0.1, layer_decay=0.5,
+    enc, dec = timm_autoencoder("test_vit", 10, finetune="full", backbone_lr_scale=0.1, layer_decay=0.5,
                                 img_size=SIZE)
-    groups = ae.param_groups(1e-3)
+    groups = enc.param_groups(1e-3)
     ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == sum(1 for p in ae.parameters() if p.requires_grad)
+    assert len(ids) == len(set(ids)) == sum(1 for p in enc.parameters() if p.requires_grad)
     lrs = sorted(g["lr"] for g in groups[1:])
     n_layers = len(lrs)  # stem + 6 blocks
     assert n_layers == 7 and np.allclose(lrs, [1e-4 * 0.5 ** k for k in reversed(range(n_layers))])
-    assert groups[0]["lr"] == 1e-3 and groups[0]["name"] == "projection+decoder"
+    assert groups[0]["lr"] == 1e-3 and groups[0]["name"] == "projection"
     # the lr really acts: Adam's first step moves each parameter by ~its group's lr (|g| >> eps)
     opt = torch.optim.Adam(groups, lr=1e-3)
     before = {id(p): p.detach().clone() for g in groups for p in g["params"]}
     x = torch.rand(8, 1, 8, 8)
-    loss = (ae.decode(ae.encode(x)) - ae.reconstruction_target(x)).pow(2).sum() + ae.encode(x).pow(2).sum()
+    loss = (dec(enc(x)) - dec.reconstruction_target(x)).pow(2).sum() + enc(x).pow(2).sum()
     loss.backward()
     opt.step()
     for g in groups:
         step = max(float((p.detach() - before[id(p)]).abs().max()) for p in g["params"])
         assert step == pytest.approx(g["lr"], rel=0.02), g["name"]
-    ae = TimmFeatureAutoencoder("test_resnet", 10, finetune="last", img_size=SIZE)
-    last = ae.param_groups(1e-3)
-    assert [g["name"] for g in last] == ["projection+decoder", "backbone"] and last[1]["lr"] == 1e-3
-    layer4 = {id(p) for n, p in ae.encoder.backbone.named_parameters() if n.startswith("layer4.")}
+    enc = TimmFinetuneEncoder("test_resnet", 10, finetune="last", img_size=SIZE)
+    last = enc.param_groups(1e-3)
+    assert [g["name"] for g in last] == ["projection", "backbone"] and last[1]["lr"] == 1e-3
+    layer4 = {id(p) for n, p in enc.timm.backbone.named_parameters() if n.startswith("layer4.")}
     assert {id(p) for p in last[1]["params"]} == layer4
 
 
+def test_decoder_reconstructs_the_initial_backbone_features():
+    enc, dec = timm_autoencoder("test_resnet", 10, finetune="full", img_size=SIZE)
+    x = torch.rand(4, 1, 8, 8)
+    target = dec.reconstruction_target(x)
+    assert target.shape == (4, enc.num_features) == dec(enc(x)).shape
+    with torch.no_grad():
+        for p in enc.timm.backbone.parameters():
+            p.add_(1.0)  # training moves the backbone; the target stays that of the initial weights
+    assert torch.equal(dec.reconstruction_target(x), target)
+    assert all(k.startswith("layers.") for k in dec.state_dict())  # the backbone is saved once, by the encoder
+    from sklearn.base import clone  # scikit-learn copies encoder and decoder one by one: the target still holds
+
+    copied = clone(DCSS(10, encoder=enc, decoder=dec))
+    assert torch.equal(copied.decoder.reconstruction_target(x), target)
+
+
+# ---------------------------------------------------------------------------------------------------- persistence
+def test_checkpoints_rebuild_the_backbone_from_the_spec(frozen_fit, last_resnet, full_vit, digits, tmp_path):
+    for tag, est in (("frozen", frozen_fit[0]), ("last", last_resnet[0]), ("full", full_vit[0])):
+        est.save(tmp_path / f"{tag}.pt")  # no weights file needed to load: the tensors are in the checkpoint
+        loaded = DCSS.load(tmp_path / f"{tag}.pt")
+        assert np.abs(loaded.predict_proba(digits) - est.predict_proba(digits)).max() < 1e-6
+        model = DCSSModel.load(tmp_path / f"{tag}.pt")
+        assert model.spec["kind"] == est.model_.spec["kind"] == f"timm-{'frozen' if tag == 'frozen' else 'finetune'}"
+        assert torch.equal(model.predict(torch.from_numpy(digits)[:, None]), torch.from_numpy(est.predict(digits)))
+
+
 # ---------------------------------------------------------------------------------------------------- export
-def _check_onnx(model, path, digits):
-    ort_runtime = pytest.importorskip("dcss_plugin.export.runtime")
+def _check_onnx(est, path, digits):
+    runtime = pytest.importorskip("dcss_plugin.export.runtime")
     pytest.importorskip("onnxruntime")
-    out = ort_runtime.OnnxClusterAssigner(path, provider="cpu")(digits)
-    assert np.array_equal(out.label, model.predict(digits))
-    assert np.abs(out.q - model.predict_proba(digits)).max() < 1e-4
+    out = runtime.OnnxClusterAssigner(path, provider="cpu")(digits)
+    assert np.array_equal(out.label, est.predict(digits))
+    assert np.abs(out.q - est.predict_proba(digits)).max() < 1e-4
 
 
-def test_onnx_full_export_frozen_model(frozen_fit, digits, tmp_path):
-    model, _, _, _ = frozen_fit
-    path = export_timm_assigner(model, tmp_path / "frozen.onnx", check_data=digits)
-    _check_onnx(model, path, digits)
+def test_onnx_full_export_of_every_mode_and_of_checkpoints(frozen_fit, last_resnet, full_vit, digits, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from dcss_plugin.export.onnx import export_assigner
 
-
-def test_onnx_full_export_finetuned_models_and_checkpoints(last_resnet, full_vit, digits, tmp_path):
-    import onnx
-
-    for tag, model in (("last", last_resnet[0]), ("full", full_vit[0])):
-        path = export_timm_assigner(model, tmp_path / f"{tag}.onnx", check_data=digits)
-        _check_onnx(model, path, digits)
+    for tag, est in (("frozen", frozen_fit[0]), ("last", last_resnet[0]), ("full", full_vit[0])):
+        path = export_assigner(est, tmp_path / f"{tag}.onnx", full=True, check_data=digits)
+        _check_onnx(est, path, digits)
         dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
         assert [d.dim_value for d in dims[1:]] == [1, 8, 8]  # raw digits in, backbone inside
-    model = last_resnet[0]  # checkpoint round trip: the backbone architecture is rebuilt from the checkpoint
-    model.save(tmp_path / "checkpoint.pt")
-    loaded = load_timm_dcss(tmp_path / "checkpoint.pt")
-    assert np.abs(loaded.predict_proba(digits) - model.predict_proba(digits)).max() < 1e-6
-    path = export_timm_assigner(tmp_path / "checkpoint.pt", tmp_path / "from_ckpt.onnx")
-    _check_onnx(model, path, digits)
+    est = last_resnet[0]
+    est.save(tmp_path / "checkpoint.pt")
+    path = export_assigner(tmp_path / "checkpoint.pt", tmp_path / "from_ckpt.onnx", full=True, check_data=digits)
+    _check_onnx(est, path, digits)
 
 
-def test_timm_dcss_and_cli_entry_point(digits, tmp_path):
-    est = TimmDCSS(4, "test_resnet", "frozen", img_size=SIZE, mlp_hidden_dims=(32,), **FAST).fit(digits[:60])
-    assert est.predict(digits[:60]).shape == (60,) and np.array_equal(est.predict(digits[:60]), est.labels_)
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_cli_entry_point(digits, tmp_path):
     args = argparse.Namespace(backbone="timm:test_resnet", pretrained_file=None, pretrained=False,
                               finetune="frozen", img_size=SIZE, clusters=4, seed=0, preset="default",
                               device="cpu", quiet=True, out=str(tmp_path))
-    model = fit_from_cli_args(args, torch.from_numpy(digits[:60]),
-                              {"pretrain_epochs": 1, "phase1_epochs": 1, "phase2_epochs": 1, "batch_size": 64})
-    assert model.labels_.shape == (60,) and (tmp_path / "features.npy").exists()
+    est = fit_from_cli_args(args, torch.from_numpy(digits[:60]),
+                            {"pretrain_epochs": 1, "phase1_epochs": 1, "phase2_epochs": 1, "batch_size": 64})
+    assert isinstance(est, DCSS) and est.labels_.shape == (60,) and (tmp_path / "features.npy").exists()
+    assert np.array_equal(est.predict(digits[:60]), est.labels_)
     args.backbone = "resnet18"
     with pytest.raises(ValueError, match="timm:MODEL_NAME"):
         fit_from_cli_args(args, digits[:60])

@@ -48,6 +48,11 @@ class ConvEncoder(nn.Sequential):
         self.latent_dim = int(latent_dim)
         self.channels = channels
 
+    def spec(self) -> dict:
+        """Plain description that rebuilds this encoder and its decoder (see ``dcss_plugin.registry``)."""
+        return {"kind": "conv", "image_shape": list(self.image_shape), "latent_dim": self.latent_dim,
+                "channels": list(self.channels)}
+
 
 class ConvDecoder(nn.Sequential):
     """``u`` (B, d) ``-> x_hat`` (B, C, H, W): a Linear, then transposed convolutions back to exactly (C, H, W).

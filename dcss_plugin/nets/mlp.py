@@ -38,6 +38,11 @@ class MLPEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x.flatten(1))
 
+    def spec(self) -> dict:
+        """Plain description that rebuilds this encoder and its mirrored decoder (see ``dcss_plugin.registry``)."""
+        return {"kind": "mlp", "in_features": self.in_features, "latent_dim": self.latent_dim,
+                "hidden_dims": list(self.hidden_dims)}
+
 
 class MLPDecoder(nn.Module):
     """``u`` (B, d) ``-> x_hat`` (B, F): the mirror of :class:`MLPEncoder`.

@@ -1,10 +1,13 @@
-"""``dcss bench assign``: cluster-assignment speed, PyTorch eager versus onnxruntime, head-only and full graphs.
+"""Cluster-assignment speed, PyTorch eager versus onnxruntime, head-only and full graphs.
+
+    .venv/bin/python benchmarks/assign.py [--seed 0] [--repeats 3] [--quick]
 
 For batch sizes 1, 256 and 65536 it times, in one process and interleaved round by round (so that a noisy
 machine hurts every engine alike):
 
-* ``torch``: the fitted modules on CPU in eval mode under ``torch.no_grad()``, computing exactly what the ONNX
-  graph computes (``[normalise -> encode ->] head -> q, label = argmax q, confidence = max q``), numpy in and out.
+* ``torch``: the fitted :class:`~dcss_plugin.DCSSModel` on CPU in eval mode under ``torch.no_grad()``, computing
+  what the ONNX graph computes (``[normalise -> encode ->] head -> q, label = argmax q, confidence = max q``), numpy
+  in and out.
 * ``ort-cpu``: :class:`~dcss_plugin.export.runtime.OnnxClusterAssigner` on the CPU provider, as a user calls it
   (input checks included), one reused session, ``ORT_ENABLE_ALL``, with as many intra-op threads as torch uses.
 * ``ort-cuda``: the same on the CUDA provider (numpy in and out, host/device copies included), only when
@@ -13,14 +16,11 @@ machine hurts every engine alike):
 Each cell reports rows/second (rows timed / time spent) and the p50/p99 latency of one call; ``ort/torch`` is the
 ratio of rows/second. The bytes one row moves (input + ``q`` + ``label`` + ``confidence``) are printed as the
 physical reference: at memory bandwidth B bytes/s no engine can exceed B / (bytes per row) rows/s.
-
-Example:
-    >>> import argparse
-    >>> run_assign_bench(argparse.Namespace(seed=0, repeats=3, quick=True))
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import tempfile
@@ -31,7 +31,8 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["BATCH_SIZES", "run_assign_bench", "time_calls", "bytes_per_row"]
+from dcss_plugin import DCSS
+from dcss_plugin.data import load_named_dataset
 
 BATCH_SIZES = (1, 256, 65536)
 
@@ -79,26 +80,20 @@ def _calls(batch: int, quick: bool) -> Tuple[int, int]:
     return calls, (20 if batch < 1024 else 1)
 
 
-def _torch_engine(model: Any, full: bool) -> Callable[[np.ndarray], Tuple[np.ndarray, ...]]:
-    enc, head, norm = model.autoencoder.eval(), model.head.eval(), model.normalizer
-    offset, scale = norm.offset.float(), norm.scale.float()
+def _torch_engine(model: DCSS, full: bool) -> Callable[[np.ndarray], Tuple[np.ndarray, ...]]:
+    net = model.model_.cpu().eval()
+    step = net if full else net.head  # full: raw x -> normalise -> encoder -> head; else u -> head
 
     def run(inputs: np.ndarray) -> Tuple[np.ndarray, ...]:
         with torch.no_grad():
-            h = torch.from_numpy(inputs)
-            if full:
-                h = enc.encode((h - offset) / scale)
-            q = head(h)
+            q = step(torch.from_numpy(inputs))
             confidence, label = q.max(dim=1)
             return q.numpy(), label.numpy(), confidence.numpy()
 
     return run
 
 
-def _fit_model(seed: int) -> Tuple[Any, np.ndarray]:
-    from dcss_plugin.data import load_named_dataset
-    from dcss_plugin.estimator import DCSS
-
+def _fit_model(seed: int) -> Tuple[DCSS, np.ndarray]:
     x, _ = load_named_dataset("digits")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few-second fit whose quality is irrelevant; one thread is robust on a busy machine
@@ -126,7 +121,7 @@ def _fmt_us(us: float) -> str:
 
 def _engines(model: Any, path: str, full: bool, threads: int) -> Tuple[Dict[str, Callable[[np.ndarray], Any]], str]:
     """The engines to time for one graph, and why ort-cuda is missing (empty when it runs)."""
-    from .runtime import OnnxClusterAssigner
+    from dcss_plugin.export.runtime import OnnxClusterAssigner
 
     big = max(BATCH_SIZES)
     engines: Dict[str, Callable[[np.ndarray], Any]] = {
@@ -156,17 +151,16 @@ def _time_graph(engines: Dict[str, Callable[[np.ndarray], Any]], data: np.ndarra
     return out
 
 
-def run_assign_bench(args: Any) -> int:
-    """``dcss bench assign [--seed S] [--repeats R] [--quick]``: print the table; returns the exit status."""
+def run(args: argparse.Namespace) -> int:
+    """Print the table; returns the exit status."""
     import onnxruntime as ort
 
     from dcss_plugin import __version__
+    from dcss_plugin.export.onnx import export_assigner
 
-    from .onnx import export_assigner
-
-    seed = int(getattr(args, "seed", 0) or 0)
-    quick = bool(getattr(args, "quick", False))
-    repeats = max(1, int(getattr(args, "repeats", 3) or 3))
+    seed = args.seed
+    quick = args.quick
+    repeats = max(1, args.repeats)
     repeats = min(repeats, 2) if quick else repeats
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     torch.manual_seed(seed)
@@ -186,7 +180,7 @@ def run_assign_bench(args: Any) -> int:
             names = list(engines)
             for (batch, name), timing in _time_graph(engines, data[kind], repeats, quick).items():
                 results[kind, batch, name] = timing
-    print(f"dcss bench assign: digits model (K={model.config.n_clusters}, d={model.config.latent_dim}, "
+    print(f"benchmarks/assign.py: digits model (K={model.config_.n_clusters}, d={model.config_.latent_dim}, "
           f"{fit_s:.1f} s quick fit), dcss-plugin {__version__}, torch {torch.__version__}, onnxruntime "
           f"{ort.__version__}, {platform.machine()}, {os.cpu_count()} CPUs")
     print(f"threads: torch {threads}, onnxruntime intra-op {threads}; load average before the run {load:.2f}; "
@@ -217,13 +211,25 @@ def _print_table(results: Dict[Tuple[str, int, str], Timing], names: List[str]) 
 
 
 def _print_bytes(results: Dict[Tuple[str, int, str], Timing], names: List[str], model: Any) -> None:
-    shapes = {"head": (model.config.latent_dim,), "full": tuple(model.input_shape)}
+    shapes = {"head": (model.config_.latent_dim,), "full": tuple(model.input_shape_)}
     big = max(BATCH_SIZES)
     print("bytes moved per row (the physical reference; float32 input, q float32, label int64, confidence float32):")
     for kind in ("head", "full"):
-        inp, out = bytes_per_row(shapes[kind], model.config.n_clusters)
+        inp, out = bytes_per_row(shapes[kind], model.config_.n_clusters)
         gbs = max(results[kind, big, e].rows_per_s for e in names) * (inp + out) / 1e9
         verdict = ("far below memory bandwidth (~10 GB/s and more): the arithmetic bounds it, not data movement"
                    if gbs < 1.0 else "a sizeable share of memory bandwidth: data movement matters here")
         print(f"  {kind}: {inp} B in + {out} B out = {inp + out} B/row; the best {big}-row rate moves {gbs:.3f} GB/s, "
               f"{verdict}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
+    parser.add_argument("--quick", action="store_true", help="fewer calls and rounds (smoke run)")
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,11 +2,11 @@
 
 :func:`write_report` reads ``report.json`` (required), ``log.jsonl`` and ``samples.npz`` (optional) from a run
 directory and writes ``report.html`` beside them: the run summary, the metrics, the timings, the config and all
-pictures from :mod:`dcss_plugin.plots`, embedded as base64 PNGs. The page loads no external resource, so it can be
+pictures from :mod:`dcss_plugin.app.plots`, embedded as base64 PNGs. The page loads no external resource, so it can be
 mailed, archived or opened offline. Whatever a run did not record (no labels, vector data, no log) is left out.
 
 Example:
-    >>> from dcss_plugin.report import write_report
+    >>> from dcss_plugin.app.report import write_report
     >>> path = write_report("runs/digits")  # doctest: +SKIP
     >>> path  # doctest: +SKIP
     'runs/digits/report.html'
@@ -387,7 +387,7 @@ def write_report(run_dir: PathLike, out: Optional[PathLike] = None, max_points: 
         >>> write_report("runs/digits")  # doctest: +SKIP
         'runs/digits/report.html'
     """
-    from .io import atomic_write_bytes
+    from dcss_plugin.io import atomic_write_bytes
 
     t0 = time.perf_counter()
     run = load_run(run_dir)

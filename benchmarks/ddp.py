@@ -1,4 +1,6 @@
-"""``dcss bench ddp``: one process versus several, and what the gathered pairwise loss costs in communication.
+"""One process versus several, and what the gathered pairwise loss costs in communication.
+
+    .venv/bin/python benchmarks/ddp.py [--devices 2] [--clusters 10] [--seed 0] [--quick]
 
 Three parts, printed side by side:
 
@@ -26,24 +28,22 @@ from typing import Any, Dict, List
 
 import torch
 
-__all__ = ["run_ddp_bench"]
+from dcss_plugin import DCSS, PairwiseSimilarityLoss
+from dcss_plugin.data import load_named_dataset
+from dcss_plugin.distributed import launch, rank, shard_bounds, world_size
 
 _PHASES = ("pretrain", "phase1", "phase2")
 
 
 def _fit_digits(out_file: str, epochs: Dict[str, int], seed: int) -> None:
-    from .data import load_named_dataset
-    from .distributed import rank
-    from .estimator import DCSS
-
+    """The default recipe on digits (in this process, or as one rank of a process group); rank 0 writes timings."""
     x, _ = load_named_dataset("digits")
-    model = DCSS(10, seed=seed, verbose=False, device="cpu", pretrain_epochs=epochs["pretrain"],
+    model = DCSS(n_clusters=10, seed=seed, verbose=False, device="cpu", pretrain_epochs=epochs["pretrain"],
                  phase1_epochs=epochs["phase1"], phase2_epochs=epochs["phase2"])
     model.fit(x)
     if rank() == 0:
         h = model.history_
-        n_params = sum(p.numel() for p in model.autoencoder.parameters()) + sum(
-            p.numel() for p in model.head.parameters())
+        n_params = sum(p.numel() for p in model.model_.parameters())
         with open(out_file, "w", encoding="utf-8") as fh:
             json.dump({"time_per_epoch_s": h["time_per_epoch_s"], "n": h["n_samples"], "params": n_params}, fh)
 
@@ -59,9 +59,6 @@ def _median_step_time(logits: torch.Tensor, criterion: torch.nn.Module, repeats:
 
 
 def _loss_worker(out_file: str, sizes: List[int], k: int, repeats: int) -> None:
-    from .distributed import rank, shard_bounds, world_size
-    from .losses import PairwiseSimilarityLoss
-
     results = {}
     for b in sizes:
         lo, hi = shard_bounds(b, world_size(), rank())
@@ -77,8 +74,6 @@ def _loss_worker(out_file: str, sizes: List[int], k: int, repeats: int) -> None:
 
 
 def _single_loss(sizes: List[int], k: int, repeats: int) -> Dict[int, float]:
-    from .losses import PairwiseSimilarityLoss
-
     out = {}
     crit = PairwiseSimilarityLoss(reduction="balanced", exclude_self=True)
     for b in sizes:
@@ -95,16 +90,14 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def run_ddp_bench(args: argparse.Namespace) -> int:
-    from .distributed import launch
-
-    world = max(2, int(getattr(args, "devices", 2) or 2))
-    quick = bool(getattr(args, "quick", False))
+def run(args: argparse.Namespace) -> int:
+    world = max(2, args.devices)
+    quick = args.quick
     epochs = {"pretrain": 2, "phase1": 4, "phase2": 11} if quick else {"pretrain": 6, "phase1": 6, "phase2": 16}
     sizes = [256, 1024] if quick else [256, 1024, 4096]
     repeats = 3
     cores = os.cpu_count() or 1
-    print(f"dcss bench ddp: {world} processes vs 1 on {cores} CPU cores (gloo); digits, epochs {epochs}")
+    print(f"benchmarks/ddp.py: {world} processes vs 1 on {cores} CPU cores (gloo); digits, epochs {epochs}")
     with tempfile.TemporaryDirectory(prefix="dcss-bench-ddp-") as tmp:
         runs: Dict[str, Dict[str, Any]] = {}
         threads0 = torch.get_num_threads()
@@ -163,3 +156,16 @@ def run_ddp_bench(args: argparse.Namespace) -> int:
           "done on every rank. Beyond a few thousand rows per global batch use gather_distributed=False (pairs "
           "within each rank's shard, no pair communication), as Lightly does for its own losses.")
     return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=2, help="processes to compare with one (default 2)")
+    parser.add_argument("--clusters", "-k", type=int, default=10, help="K of the pairwise-loss timings")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="fewer epochs and batch sizes (smoke run)")
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,9 +1,14 @@
-"""The ``dcss`` command: ``fit``, ``bench``, ``export``, ``assign``.
+"""The ``dcss`` command: ``fit``, ``report``, ``export``, ``assign``.
 
     dcss fit --dataset digits --clusters 10 --seed 0 --out runs/digits
     dcss fit --data X.npy [--labels y.npy] --clusters K --seed S --out DIR      # also .csv, .pt
+    dcss report DIR
     dcss export DIR [--full] [--fp16] --out DIR/assigner.onnx
     dcss assign DIR/assigner.onnx --data X.npy --out labels.npy [--provider auto|cpu|cuda]
+
+``dcss fit``'s flags for the DCSS settings (``--m``, ``--T2-min-steps``, ...) are made from the declarations in
+:data:`dcss_plugin.config.OPTIONS`: one flag per option, with its type, allowed values and help, checked by the same
+declaration as ``DCSSConfig``. Benchmarks are scripts in ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from dcss_plugin.config import OPTIONS, Option, describe_default, get_option
 
 log = logging.getLogger("dcss_plugin")
 
@@ -36,7 +43,7 @@ def _kmeans_baseline(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 def _load_inputs(args: argparse.Namespace):
     import torch
 
-    from .data import load_array, load_named_dataset, validate_labels
+    from dcss_plugin.data import load_array, load_named_dataset, validate_labels
 
     if bool(args.dataset) == bool(args.data):
         raise CLIError("Give exactly one of --dataset NAME or --data FILE.")
@@ -67,16 +74,17 @@ def _table(rows: List[tuple]) -> str:
 def _save_samples(out: str, model, x, labels: np.ndarray, y: Optional[np.ndarray], seed: int,
                   max_rows: int = 3000) -> None:
     """``samples.npz``: a seeded subsample for pictures — index, u, q, predicted labels, x (images), y (if known)."""
-    from .io import atomic_write_bytes
-
     import io as _io
+
+    from dcss_plugin.io import atomic_write_bytes
 
     rng = np.random.default_rng(seed)
     n = len(x)
     index = np.sort(rng.choice(n, size=min(n, max_rows), replace=False))
     xs = x[index]
-    arrays = {"index": index.astype(np.int64), "u": model.transform(xs), "q": model.predict_proba(xs),
-              "labels": labels[index].astype(np.int64)}
+    cached = (getattr(model, "history_", None) or {}).get("timm") or {}  # frozen timm: u, q kept from the fit
+    u, q = (cached["u"][index], cached["q"][index]) if "u" in cached else (model.transform(xs), model.predict_proba(xs))
+    arrays = {"index": index.astype(np.int64), "u": u, "q": q, "labels": labels[index].astype(np.int64)}
     if xs.dim() == 4:
         arrays["x"] = xs.numpy().astype(np.float32)
     if y is not None:
@@ -93,7 +101,7 @@ def _fit_rank(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .distributed import init_from_environment, launch
+    from dcss_plugin.distributed import init_from_environment, launch
 
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
@@ -117,7 +125,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             if _cuda_count() < devices:
                 raise CLIError(f"--devices {devices} with CUDA needs {devices} GPUs, this machine has {_cuda_count()}; "
                                "use fewer, or --device cpu (gloo processes on CPU cores).")
-        from .data import validate_features
+        from dcss_plugin.data import validate_features
 
         validate_features(x.unsqueeze(1) if x.dim() == 3 else x, args.clusters)  # fail here, before spawning
         launch(_fit_rank, devices, args=(args,))
@@ -132,22 +140,16 @@ def _cuda_count() -> int:
 
 
 def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], source: str) -> int:
-    from .distributed import rank, world_size
-    from .estimator import DCSS
-    from .io import atomic_save_npy, atomic_write_json
-    from .metrics import evaluate
-    from . import __version__
+    from dcss_plugin import __version__
+    from dcss_plugin.distributed import rank, world_size
+    from dcss_plugin.estimator import DCSS
+    from dcss_plugin.io import atomic_save_npy, atomic_write_json
+    from dcss_plugin.metrics import evaluate
 
     out = args.out
     lead = rank() == 0
     xv = x.unsqueeze(1) if x.dim() == 3 else x
-    overrides: Dict[str, Any] = {}
-    for key in ("pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "m", "zeta", "gamma", "lam",
-                "T1", "T2", "T2_min_steps", "latent_dim", "lr", "kmeans_init", "num_heads", "neighbor_space",
-                "mlp_linear_path", "neighbor_embedding_weight", "neighbor_embedding_k"):
-        val = getattr(args, key, None)
-        if val is not None:
-            overrides[key] = val
+    overrides = config_overrides(args)
     backbone = getattr(args, "backbone", None)
     ssl = getattr(args, "ssl", None)
     if backbone and ssl:
@@ -199,9 +201,9 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
         "version": __version__,
         "source": source,
         "n_samples": int(len(x)),
-        "sample_shape": list(model.input_shape or ()),
+        "sample_shape": list(model.input_shape_ or ()),
         "seed": args.seed,
-        "config": model.config.to_dict(),
+        "config": model.config_.to_dict(),
         "device": h["device"],
         "processes": world_size(),
         "epochs": h["epochs"],
@@ -224,7 +226,7 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
     os.remove(progress)  # the run is complete: labels, report and checkpoint are written
     if not args.no_html:
         try:
-            from .report import write_report
+            from dcss_plugin.app.report import write_report
 
             html = write_report(out)
             print(f"dcss fit: report page {html}")
@@ -243,20 +245,10 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from dcss_plugin.app.report import write_report
 
     print(write_report(args.run_dir))
     return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "ddp":
-        from .bench_distributed import run_ddp_bench
-
-        return run_ddp_bench(args)
-    from .bench import run_bench
-
-    return run_bench(args)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -282,18 +274,80 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _non_negative_float(text: str) -> float:
-    v = float(text)
-    if not v >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return v
+_ON_OFF = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
 
 
-def _on_off(text: str) -> bool:
-    value = {"on": True, "off": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"must be 'on' or 'off', got {text!r}")
-    return value
+def _value_from_text(option: Option, text: str) -> Any:
+    """A flag's text as the Python value ``option.check`` judges (text that is no number stays text)."""
+    if option.type is bool:
+        value = _ON_OFF.get(text.strip().lower())
+        if value is None:
+            raise ValueError(f"{option.name} must be on or off, got {text!r}. {option.name} is {option.help}.")
+        return value
+    if option.type is tuple:
+        return tuple(_number(part.strip()) for part in text.split(",")) if text.strip() else ()
+    if option.type in (int, float) and text not in (option.choices or ()):
+        return _number(text.strip())
+    return text
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def option_parser(option: Option):
+    """The ``type=`` of ``option``'s flag: text -> checked value; a bad value is a one-line usage error (exit 2).
+
+    Example:
+        >>> option_parser(get_option("m"))("1.3")
+        1.3
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            return option.check(_value_from_text(option, text))
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = option.name
+    return parse
+
+
+def _metavar(option: Option) -> str:
+    if option.type is bool:
+        return "on|off"
+    if option.type is tuple:
+        return "N,N,..."
+    if option.type is str and option.choices:
+        return "{" + ",".join(option.choices) + "}"
+    number = "N" if option.type is int else "X"
+    return "|".join([number, *(option.choices or ())])
+
+
+def _option_help(option: Option) -> str:
+    default = describe_default(option)
+    text = option.help + (" [experimental]" if option.experimental else "") + (f" ({default})" if default else "")
+    return text.replace("%", "%%")
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per declared option with ``cli=True`` (``--name-with-dashes`` unless the option names another),
+    ``dest`` the option's name, default ``None`` (not given: the estimator's default or the preset's value)."""
+    for option in OPTIONS:
+        if option.cli:
+            parser.add_argument(option.cli_flag, dest=option.name, type=option_parser(option), default=None,
+                                metavar=_metavar(option), help=_option_help(option))
+
+
+def config_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """The DCSS settings given on the command line: ``{name: value}`` of every ``cli`` option not left ``None``."""
+    values = {option.name: getattr(args, option.name, None) for option in OPTIONS if option.cli}
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,10 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", help="samples as .npy, .csv or .pt: (N, F) vectors or (N, [C,] H, W) images")
     src.add_argument("--labels", help="optional ground truth (.npy/.csv/.pt), used only for reported metrics")
     src.add_argument("--data-root", help="folder with torchvision dataset files (nothing is downloaded)")
-    fit.add_argument("--clusters", "-k", type=int, required=True, help="number of clusters K (>= 2)")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--clusters", "-k", type=option_parser(get_option("n_clusters")), required=True, metavar="K",
+                     help=f"{get_option('n_clusters').help}, {get_option('n_clusters').expected()}")
+    fit.add_argument("--seed", type=option_parser(get_option("seed")), default=get_option("seed").default,
+                     metavar="N", help=_option_help(get_option("seed")))
     fit.add_argument("--out", required=True, help="run directory")
-    fit.add_argument("--preset", default="default", choices=["default", "paper"])
+    fit.add_argument("--preset", type=option_parser(get_option("preset")), default=get_option("preset").default,
+                     metavar=_metavar(get_option("preset")), help=_option_help(get_option("preset")))
     fit.add_argument("--device", default="auto", help="auto | cpu | cuda")
     fit.add_argument("--devices", type=_positive_int, default=1,
                      help="processes for data-parallel training (DDP; gloo on CPU, NCCL with one GPU each); "
@@ -322,25 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true",
                      help="continue an interrupted run in --out from its last saved epoch (saved about every 10 s and "
                           "at each phase start; same arguments)")
-    for name in ("pretrain-epochs", "phase1-epochs", "phase2-epochs", "batch-size", "T1", "T2", "T2-min-steps",
-                 "latent-dim"):
-        fit.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
-    for name in ("m", "zeta", "gamma", "lam", "lr"):
-        fit.add_argument(f"--{name}", type=float)
-    fit.add_argument("--kmeans-init", choices=["euclidean", "cosine"],
-                     help="k-means on u or on u/||u|| to start Phase 1 (default: cosine after NT-Xent pretraining)")
-    fit.add_argument("--num-heads", type=_positive_int,
-                     help="MNet heads trained side by side in Phase 2, lowest loss kept (default: 3 for images, 1 else)")
-    fit.add_argument("--neighbor-space", choices=["u", "input"],
-                     help="where Phase 2's nearest-neighbour positives are found: the latent space u after Phase 1 "
-                          "(default) or the standardised input (vectors)")
-    fit.add_argument("--linear-path", dest="mlp_linear_path", type=_on_off, metavar="on|off",
-                     help="vectors: a PCA-started linear map beside the MLP autoencoder (default: off)")
-    fit.add_argument("--neighbor-embedding", dest="neighbor_embedding_weight", type=_non_negative_float,
-                     metavar="W", help="vectors: weight of the neighbour-embedding pretraining term (input-space "
-                                       "k-NN pairs, Cauchy kernel; default 1 for vectors, 0 for images; 0: off)")
-    fit.add_argument("--neighbor-embedding-k", dest="neighbor_embedding_k", type=_positive_int, metavar="K",
-                     help="neighbours per sample in that term's input-space graph (default 10)")
+    add_option_flags(fit.add_argument_group("DCSS settings (not given: from the preset; see dcss_plugin.config)"))
     bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")
     bb.add_argument("--backbone", metavar="timm:NAME",
                     help="encode images with a timm model, e.g. timm:resnet18 (names: timm.list_models())")
@@ -362,18 +401,6 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write RUN_DIR/report.html (config, timings, metrics, pictures)")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
-
-    bench = sub.add_parser("bench", help="benchmarks: 'fit' (phases, quality, one-pass vs K-step Phase 1), "
-                                                "'assign' (ONNX vs torch), 'ddp' (1 vs N processes, pair gathering)")
-    bench.add_argument("what", nargs="?", default="fit", choices=["fit", "assign", "ddp"])
-    bench.add_argument("--devices", type=_positive_int, default=2, help="bench ddp: processes to compare with one")
-    bench.add_argument("--dataset", default="digits")
-    bench.add_argument("--data-root")
-    bench.add_argument("--clusters", "-k", type=int, default=10)
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--repeats", type=_positive_int, default=3)
-    bench.add_argument("--quick", action="store_true", help="fewer epochs (smoke run)")
-    bench.set_defaults(func=cmd_bench)
 
     exp = sub.add_parser("export", help="export a fitted run to a self-contained ONNX cluster assigner")
     exp.add_argument("run_dir")
@@ -397,7 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s")
-    from .data import DataError
+    from dcss_plugin.data import DataError
 
     try:
         return int(args.func(args) or 0)

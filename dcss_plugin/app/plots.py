@@ -6,7 +6,7 @@ safe in scripts, servers and notebooks alike. matplotlib and scikit-learn are im
 
 Example:
     >>> import numpy as np
-    >>> from dcss_plugin.plots import plot_cluster_sizes
+    >>> from dcss_plugin.app.plots import plot_cluster_sizes
     >>> png = plot_cluster_sizes([320, 19, 215])
     >>> png[:4]
     b'\\x89PNG'
@@ -85,7 +85,7 @@ def figure_to_png(fig: "Figure", path: Optional[PathLike] = None) -> bytes:
     fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight", pad_inches=0.15, facecolor="white")
     data = buf.getvalue()
     if path is not None:
-        from .io import atomic_write_bytes
+        from dcss_plugin.io import atomic_write_bytes
 
         atomic_write_bytes(path, data)
     return data
@@ -430,7 +430,7 @@ def matched_confusion(y_true: ArrayLike, y_pred: ArrayLike) -> Tuple[np.ndarray,
         >>> m.tolist(), rows, cols
         ([[2, 0], [0, 2]], [0, 1], [1, 0])
     """
-    from .metrics import match_clusters
+    from dcss_plugin.metrics import match_clusters
 
     t = np.asarray(y_true).reshape(-1)
     p = np.asarray(y_pred).reshape(-1)
