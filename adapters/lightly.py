@@ -202,8 +202,8 @@ class DCSSClusterLoss(nn.Module):
             raise ValueError(f"reduction must be 'balanced', 'mean' or 'sum' (a scalar loss), got {reduction!r}.")
         if gather_distributed and not torch.distributed.is_available():
             raise ValueError("gather_distributed=True needs torch.distributed, which this torch build lacks.")
-        # u_stage_epochs=1: forward picks the stage from whether p is given (epoch 0: s = p p^T; epoch 1: s = q q^T)
-        self.objective = DCSSLoss(zeta, gamma, u_stage_epochs=1, reduction=reduction, exclude_self=exclude_self,
+        # the stage follows from whether p is given (forward's q_space=), not from an epoch count
+        self.objective = DCSSLoss(zeta, gamma, u_stage_epochs=0, reduction=reduction, exclude_self=exclude_self,
                                   balance_weight=balance_weight, balance_tolerance=balance_tolerance)
         self.gather_distributed = gather_distributed
 
@@ -227,8 +227,7 @@ class DCSSClusterLoss(nn.Module):
                     raise ValueError(f"{name} must have q0's shape {tuple(q0.shape)}, got {tuple(pv.shape)}.")
                 _check_assignments(name, pv)
             p = self._rows(p0.detach().to(q0.dtype), p1.detach().to(q0.dtype))
-        self.objective.set_epoch(0 if p is not None else self.objective.u_stage_epochs)
-        return self.objective(self._rows(q0, q1), p, known_positives=True)
+        return self.objective(self._rows(q0, q1), p, known_positives=True, q_space=p is None)
 
     def _rows(self, a: Tensor, b: Tensor) -> Tensor:
         """``[a; b]`` (2B, K), of the global batch under ``gather_distributed`` (row i of both halves one image)."""

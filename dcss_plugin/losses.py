@@ -270,15 +270,16 @@ class DCSSLoss(nn.Module):
         return tolerance
 
     def forward(self, q: Tensor, p: Optional[Tensor] = None, known_positives: bool = False,
-                local_share: float = 1.0) -> Tensor:
+                local_share: float = 1.0, q_space: Optional[bool] = None) -> Tensor:
         """Loss of one head's ``q`` (B, K); ``p`` (B, K) is required in the u-space stage.
 
         ``local_share`` scales the known-positive mean (under DDP: world size x this rank's share of the global
         batch; 1 in a single process); the pair and balance terms are computed on the gathered batch.
+        ``q_space`` forces the stage (True: ``q q^T`` targets, False: ``p p^T``); None follows :meth:`set_epoch`.
         """
         if q.dim() != 2:
             raise ValueError(f"q must be (B, K), got shape {tuple(q.shape)}.")
-        q_space = self.q_space
+        q_space = self.q_space if q_space is None else bool(q_space)
         if not q_space and p is None:
             raise ValueError("The u-space stage needs the memberships p (B, K) as targets: "
                              "loss(q, p=model.centers(u.detach())).")

@@ -157,20 +157,11 @@ def test_centers_and_centering_loss_equal_single_process(two_rank_results):
             torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
 
 
-class _PlainAutoencoder(nn.Module):
-    """BatchNorm-free MLP autoencoder, so that a DDP run can be compared with a single-process run exactly."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(3)
-        self.enc = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
-        self.dec = nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Linear(32, 16))
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enc(x.flatten(1))
-
-    def decode(self, u: torch.Tensor) -> torch.Tensor:
-        return self.dec(u)
+def _plain_networks():
+    """BatchNorm-free MLP encoder and decoder, so that a DDP run can be compared with a single-process run exactly."""
+    torch.manual_seed(3)
+    return (nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3)),
+            nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Linear(32, 16)))
 
 
 def _blobs():
@@ -183,8 +174,9 @@ def _blobs():
 def _fit_tiny(x: torch.Tensor):
     from dcss_plugin import DCSS
 
+    enc, dec = _plain_networks()
     model = DCSS(3, seed=0, verbose=False, device="cpu", latent_dim=3, batch_size=32, pretrain_epochs=3,
-                 phase1_epochs=4, phase2_epochs=0, neighbors=0, autoencoder_module=_PlainAutoencoder())
+                 phase1_epochs=4, phase2_epochs=0, neighbors=0, encoder=enc, decoder=dec)
     return model.fit(x)
 
 
@@ -192,7 +184,7 @@ def _estimator_worker(out_dir: str) -> None:
     x, _ = _blobs()
     model = _fit_tiny(x)
     h = model.history_
-    torch.save({"centers": model.centers.centers.clone(), "pretrain": torch.tensor(h["loss"]["pretrain"]),
+    torch.save({"centers": model.model_.centers.centers.clone(), "pretrain": torch.tensor(h["loss"]["pretrain"]),
                 "phase1": torch.tensor(h["loss"]["phase1"]), "world": h["world_size"]},
                os.path.join(out_dir, f"fit-{rank()}.pt"))
 
@@ -209,7 +201,7 @@ def test_estimator_pretraining_and_phase1_equal_single_process(tmp_path, torch_f
         torch.testing.assert_close(got["pretrain"], torch.tensor(ref.history_["loss"]["pretrain"]), rtol=1e-4,
                                    atol=1e-5)
         torch.testing.assert_close(got["phase1"], torch.tensor(ref.history_["loss"]["phase1"]), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(got["centers"], ref.centers.centers, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(got["centers"], ref.model_.centers.centers, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -221,7 +213,7 @@ def test_cli_fit_devices_2_writes_the_same_artefacts(tmp_path):
     runs = {}
     for devices in (1, 2):
         out = tmp_path / f"d{devices}"
-        res = subprocess.run([sys.executable, "-m", "dcss_plugin.cli", *args, "--out", str(out), "--devices",
+        res = subprocess.run([sys.executable, "-m", "dcss_plugin.app.cli", *args, "--out", str(out), "--devices",
                               str(devices)], capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         runs[devices] = out

@@ -45,16 +45,16 @@ def test_resume_in_process_matches_uninterrupted(tmp_path, stop_at):
 
 
 def test_progress_saves_are_rate_limited_and_resume_still_matches(tmp_path, monkeypatch):
-    import dcss_plugin.estimator as est
+    import dcss_plugin.training.run as run_module
 
     saved = []
-    original = est.atomic_torch_save
+    original = run_module.atomic_torch_save
 
     def spy(state, path):
         saved.append((state["phase"], state["epoch"]))
         return original(state, path)
 
-    monkeypatch.setattr(est, "atomic_torch_save", spy)
+    monkeypatch.setattr(run_module, "atomic_torch_save", spy)
     x = data()
     every = DCSS(3, seed=0, **KW).fit(x, checkpoint_path=tmp_path / "a.pt", checkpoint_every_s=0)
     assert len(saved) == 4 + 4 + 8 + 2  # every epoch, and the starts of Phase 1 and Phase 2
@@ -105,7 +105,7 @@ def test_cli_run_killed_by_signal_then_resumed_gives_same_labels(tmp_path):
     args = ["fit", "--data", str(tmp_path / "X.npy"), "--clusters", "3", "--seed", "0", "--quiet",
             "--pretrain-epochs", "30", "--phase1-epochs", "10", "--phase2-epochs", "60"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "dcss_plugin.cli"]
+    cmd = [sys.executable, "-m", "dcss_plugin.app.cli"]
     ref = subprocess.run(cmd + args + ["--out", str(tmp_path / "ref")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert ref.returncode == 0, ref.stderr
