@@ -179,7 +179,7 @@ class DCSS(ClusterMixin, BaseEstimator):
         if self.encoder is not None:
             enc, dec = self.encoder, self.decoder
             spec: Dict[str, Any] = dict(getattr(enc, "model_spec", None)  # an adapter's networks name their kind
-                                        or DCSSModel._default_spec(enc, dec))
+                                        or DCSSModel.default_spec(enc, dec))
         elif cfg.autoencoder == "conv" or (cfg.autoencoder == "auto" and len(shape) == 3 and cfg.preset != "paper"):
             if len(shape) != 3:
                 raise DataError(f"autoencoder='conv' needs images (N, C, H, W); got samples of shape {shape}.")
@@ -310,9 +310,9 @@ class DCSS(ClusterMixin, BaseEstimator):
         weights are loaded from the file. No code is unpickled (``torch.load(weights_only=True)``).
         """
         from .io import load_checkpoint_any
-        from .model import _OLD_FORMAT, MODEL_FORMAT
+        from .model import READABLE_FORMATS
 
-        state = load_checkpoint_any(path, (MODEL_FORMAT, _OLD_FORMAT))
+        state = load_checkpoint_any(path, READABLE_FORMATS)
         model = DCSSModel.from_checkpoint(state, encoder=encoder, decoder=decoder, source=os.fspath(path))
         if "config" in state:
             cfg = DCSSConfig.from_dict(dict(state["config"]))

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from .centers import ClusterCenters
 from .heads import DCSSHead
 
-__all__ = ["DCSSModel", "Normalize", "MODEL_FORMAT"]
+__all__ = ["DCSSModel", "Normalize", "MODEL_FORMAT", "READABLE_FORMATS"]
 
 MODEL_FORMAT = "dcss-plugin/model-v1"
 _OLD_FORMAT = "dcss-plugin/checkpoint-v1"  # written by the estimator before the model object existed
+READABLE_FORMATS = (MODEL_FORMAT, _OLD_FORMAT)  # what DCSSModel.load and DCSS.load read
 
 
 class Normalize(nn.Module):
@@ -119,7 +120,7 @@ class DCSSModel(nn.Module):
         self.centers = ClusterCenters(self.n_clusters, self.latent_dim, m=m)
         self.heads = nn.ModuleList(self._new_head() for _ in range(int(num_heads)))
         self.register_buffer("head_index", torch.zeros((), dtype=torch.long))
-        self.spec: Dict[str, Any] = dict(spec or self._default_spec(encoder, decoder))
+        self.spec: Dict[str, Any] = dict(spec or self.default_spec(encoder, decoder))
         if input_shape is not None:
             self.spec["input_shape"] = [int(s) for s in input_shape]
 
@@ -130,7 +131,7 @@ class DCSSModel(nn.Module):
         return tuple(int(s) for s in shape) if shape is not None else None
 
     @staticmethod
-    def _default_spec(encoder: nn.Module, decoder: Optional[nn.Module]) -> Dict[str, Any]:
+    def default_spec(encoder: nn.Module, decoder: Optional[nn.Module]) -> Dict[str, Any]:
         """The reference networks describe themselves (``encoder.spec()``); anything else is "custom"."""
         from .nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
@@ -228,7 +229,7 @@ class DCSSModel(nn.Module):
         """
         from .io import load_checkpoint_any
 
-        state = load_checkpoint_any(path, (MODEL_FORMAT, _OLD_FORMAT))
+        state = load_checkpoint_any(path, READABLE_FORMATS)
         return cls.from_checkpoint(state, encoder=encoder, decoder=decoder, source=os.fspath(path)).to(device).eval()
 
     @classmethod

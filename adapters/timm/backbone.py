@@ -197,7 +197,7 @@ def load_backbone_weights(model: nn.Module, path: PathLike, checkpoint_filter: b
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+def as_pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
     if isinstance(size, (tuple, list)):
         if len(size) != 2:
             raise TimmAdapterError(f"img_size must be an int or (H, W), got {size!r}.")
@@ -239,7 +239,7 @@ def create_backbone(model_name: str, pretrained_file: Optional[PathLike] = None,
     if in_chans != 3:
         kwargs["in_chans"] = int(in_chans)
     if img_size is not None:
-        hw = _pair(img_size)
+        hw = as_pair(img_size)
         default = timm.models.get_pretrained_cfg(name)
         if default is not None and getattr(default, "fixed_input_size", False):
             kwargs.setdefault("img_size", hw)

@@ -9,7 +9,7 @@ import timm.data
 import torch
 from torch import Tensor, nn
 
-from .backbone import _pair, create_backbone, pooled_width, resolve_model_name
+from .backbone import as_pair, create_backbone, pooled_width, resolve_model_name
 from .errors import TimmAdapterError, TimmInputError
 from .preprocess import TimmPreprocess, ValueRange, prepare_images
 
@@ -66,7 +66,7 @@ class TimmEncoder(nn.Module):
         plain = {k: v for k, v in timm_kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))}
         self.spec: Dict[str, Any] = {
             "model_name": self.model_name,
-            "img_size": list(_pair(img_size)) if img_size is not None else None,
+            "img_size": list(as_pair(img_size)) if img_size is not None else None,
             "in_chans": int(in_chans),
             "timm_kwargs": plain,
             "pretrained_file": os.fspath(pretrained_file) if pretrained_file is not None else None,
