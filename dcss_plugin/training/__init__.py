@@ -6,7 +6,8 @@
   (the T1 fuzzy c-means update).
 * :mod:`.neighbors`: mining k-nearest neighbours and drawing one per sample as a known positive.
 * :mod:`.heads`: choosing among several MNet heads by their own loss.
-* :mod:`.steps`: one epoch of pretraining, Phase 1, Phase 2 (DDP-aware).
+* :mod:`.steps`: one batch (``*_step``: the loss) or one epoch (``*_epoch``: with optimizer steps) of pretraining,
+  Phase 1, Phase 2 (DDP-aware).
 * :mod:`.run`: the bookkeeping of a run: seeded generator, history, progress file and exact resume.
 """
 
@@ -15,8 +16,9 @@ from .neighbors import NeighborPositives, mine_neighbors
 from .optim import adam, phase_optimizer
 from .passes import encode_all, init_centers, update_centers
 from .schedule import Schedule
-from .steps import AutoencoderForward, Batches, Phase2Forward, phase1_epoch, phase2_epoch, pretrain_epoch
+from .steps import (AutoencoderForward, Batches, Phase2Forward, phase1_epoch, phase1_step, phase2_epoch, phase2_step,
+                    pretrain_epoch, pretrain_step)
 
 __all__ = ["HeadSelector", "NeighborPositives", "mine_neighbors", "adam", "phase_optimizer", "encode_all",
            "init_centers", "update_centers", "Schedule", "AutoencoderForward", "Phase2Forward", "Batches",
-           "pretrain_epoch", "phase1_epoch", "phase2_epoch"]
+           "pretrain_epoch", "phase1_epoch", "phase2_epoch", "pretrain_step", "phase1_step", "phase2_step"]

@@ -25,7 +25,7 @@ class Schedule:
 
     Example:
         >>> Schedule.for_data(n_samples=1797, batch_size=256, T1=2, T2=5)
-        Schedule(pretrain=138, phase1=12, phase2=229, u_stage=5)
+        Schedule(pretrain=120, phase1=10, phase2=200, u_stage=5)
     """
 
     pretrain: int

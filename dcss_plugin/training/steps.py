@@ -21,7 +21,8 @@ from .heads import HeadSelector
 from .neighbors import NeighborPositives
 from .passes import update_centers
 
-__all__ = ["Batches", "AutoencoderForward", "Phase2Forward", "pretrain_epoch", "phase1_epoch", "phase2_epoch"]
+__all__ = ["Batches", "AutoencoderForward", "Phase2Forward", "pretrain_step", "phase1_step", "phase2_step",
+           "pretrain_epoch", "phase1_epoch", "phase2_epoch"]
 
 
 @dataclass
@@ -98,93 +99,113 @@ def _step(opt: torch.optim.Optimizer, loss: Tensor) -> None:
     opt.step()
 
 
-def pretrain_epoch(model: nn.Module, forward: nn.Module, loss_fn: PretrainLoss, opt: torch.optim.Optimizer,
-                   batches: Batches, neighbors: Optional[Tensor] = None) -> float:
-    """One epoch of pretraining; returns the mean loss.
+def pretrain_step(model: nn.Module, forward: nn.Module, loss_fn: PretrainLoss, batches: Batches, idx: Tensor,
+                  neighbors: Optional[Tensor] = None) -> Tensor:
+    """The pretraining loss of the batch ``idx`` (B,) (call ``backward`` and step the optimizer yourself).
 
     Without a pair term the input is one view of each sample (a denoising autoencoder when ``batches.augment``
     is set). With ``loss_fn.contrastive_weight`` it is two views ``[a; b]``; with
     ``loss_fn.neighbor_embedding_weight`` it is each sample and one of its input-space ``neighbors`` (N, k).
     """
+    xb = batches.xn[idx].to(batches.device)
+    if loss_fn.neighbor_embedding_weight > 0:
+        if neighbors is None:
+            raise ValueError("neighbor_embedding_weight > 0 needs the input-space neighbours (N, k).")
+        pick = torch.randint(neighbors.shape[1], (len(idx),), generator=batches.generator)
+        xnb = batches.xn[neighbors[idx, pick]].to(batches.device)
+        inputs = torch.cat([batches.shard(batches.view(xb)), batches.shard(batches.view(xnb))])
+        target = torch.cat([model.reconstruction_target(batches.shard(xb)),
+                            model.reconstruction_target(batches.shard(xnb))])
+    elif loss_fn.contrastive_weight > 0:
+        inputs = torch.cat([batches.shard(batches.view(xb)), batches.shard(batches.view(xb))])
+        target = model.reconstruction_target(batches.shard(xb))
+    else:
+        target = model.reconstruction_target(batches.shard(xb))
+        inputs = batches.shard(batches.view(xb))
+    u, x_hat = forward(inputs)
+    return loss_fn(x_hat, target, u if loss_fn.paired else None, local_share=batches.local_share(len(idx)))
+
+
+def phase1_step(model: nn.Module, forward: nn.Module, loss_fn: CenteringLoss, batches: Batches,
+                idx: Tensor) -> Tensor:
+    """The Phase-1 loss of the batch ``idx``: the K cluster-specific losses in one pass, ``p`` fixed within the
+    step. Phase 1 trains on the samples themselves: ``batches.augment`` is not used."""
+    xb = batches.shard(batches.xn[idx]).to(batches.device)
+    u, x_hat = forward(xb)
+    target = model.reconstruction_target(xb)
+    loss = loss_fn(target, x_hat.view_as(target), u, model.centers.centers, model.centers(u.detach()))
+    return loss * batches.local_share(len(idx))
+
+
+def phase2_step(model: nn.Module, forward: nn.Module, loss_fn: DCSSLoss, batches: Batches, idx: Tensor,
+                positives: Optional[NeighborPositives] = None) -> Tuple[Tensor, List[Tensor], Tensor]:
+    """The Phase-2 loss of the batch ``idx`` summed over the heads, each head's loss, and the share of pairs above
+    ``zeta`` for head 0 (call ``loss_fn.set_epoch(epoch)`` at each epoch's start).
+
+    Known positives: with ``positives`` each sample is paired with one of its neighbours, both as random views;
+    with only ``batches.augment``, two views of each sample; with neither, the paper's plain batches.
+    """
+    paired = batches.augment is not None or positives is not None
+    xa, share = batches.xn[idx], batches.local_share(len(idx))
+    if paired:
+        xb = batches.xn[positives.sample(idx, batches.generator)] if positives is not None else xa
+        inputs = torch.cat([batches.shard(batches.view(xa)), batches.shard(batches.view(xb))])
+    else:
+        inputs = batches.shard(xa).to(batches.device)
+    u, qs = forward(inputs)
+    p = None if loss_fn.q_space else model.centers(u.detach())
+    per_head, positive_share = [], None
+    for q in qs:
+        per_head.append(loss_fn(q, p, known_positives=paired, local_share=share))
+        positive_share = loss_fn.last_positive_share if positive_share is None else positive_share
+    return sum(per_head[1:], per_head[0]), per_head, positive_share  # type: ignore[return-value]
+
+
+def pretrain_epoch(model: nn.Module, forward: nn.Module, loss_fn: PretrainLoss, opt: torch.optim.Optimizer,
+                   batches: Batches, neighbors: Optional[Tensor] = None) -> float:
+    """One epoch of :func:`pretrain_step` and optimizer steps; returns the mean loss."""
     model.train()
-    total, n = 0.0, len(batches.xn)
+    total = 0.0
     for idx in batches.epoch():
-        xb = batches.xn[idx].to(batches.device)
-        share = batches.local_share(len(idx))
-        if loss_fn.neighbor_embedding_weight > 0:
-            if neighbors is None:
-                raise ValueError("neighbor_embedding_weight > 0 needs the input-space neighbours (N, k).")
-            pick = torch.randint(neighbors.shape[1], (len(idx),), generator=batches.generator)
-            xnb = batches.xn[neighbors[idx, pick]].to(batches.device)
-            inputs = torch.cat([batches.shard(batches.view(xb)), batches.shard(batches.view(xnb))])
-            target = torch.cat([model.reconstruction_target(batches.shard(xb)),
-                                model.reconstruction_target(batches.shard(xnb))])
-        elif loss_fn.contrastive_weight > 0:
-            inputs = torch.cat([batches.shard(batches.view(xb)), batches.shard(batches.view(xb))])
-            target = model.reconstruction_target(batches.shard(xb))
-        else:
-            target = model.reconstruction_target(batches.shard(xb))
-            inputs = batches.shard(batches.view(xb))
-        u, x_hat = forward(inputs)
-        loss = loss_fn(x_hat, target, u if loss_fn.paired else None, local_share=share)
+        loss = pretrain_step(model, forward, loss_fn, batches, idx, neighbors)
         _step(opt, loss)
         total += loss.item() * len(idx)
-    return total / n
+    return total / len(batches.xn)
 
 
 def phase1_epoch(model: nn.Module, forward: nn.Module, loss_fn: CenteringLoss, opt: torch.optim.Optimizer,
                  batches: Batches, update: bool) -> float:
-    """One epoch of Phase 1 (the K cluster-specific losses in one pass, ``p`` fixed within a step); with
-    ``update`` (every T1 epochs) the centers are then re-estimated in an eval-mode pass. Returns the mean loss."""
+    """One epoch of :func:`phase1_step` and optimizer steps; with ``update`` (every T1 epochs) the centers are then
+    re-estimated in an eval-mode pass. Returns the mean loss."""
     model.train()
-    total, n = 0.0, len(batches.xn)
+    total = 0.0
     for idx in batches.epoch():
-        xb = batches.shard(batches.xn[idx]).to(batches.device)
-        share = batches.local_share(len(idx))
-        u, x_hat = forward(xb)
-        target = model.reconstruction_target(xb)
-        loss = loss_fn(target, x_hat.view_as(target), u, model.centers.centers, model.centers(u.detach())) * share
+        loss = phase1_step(model, forward, loss_fn, batches, idx)
         _step(opt, loss)
         total += loss.item() * len(idx)
     if update:  # each rank adds its shard of the data; the update all-reduces
         update_centers(model, batches.shard(batches.xn))
-    return total / n
+    return total / len(batches.xn)
 
 
 def phase2_epoch(model: nn.Module, forward: nn.Module, loss_fn: DCSSLoss, opt: torch.optim.Optimizer,
                  batches: Batches, positives: Optional[NeighborPositives] = None,
                  selector: Optional[HeadSelector] = None) -> Dict[str, float]:
-    """One epoch of Phase 2 with every head of ``model``; call ``loss_fn.set_epoch(epoch)`` first.
-
-    Known positives: with ``positives`` each sample is paired with one of its neighbours, both as random views;
-    with only ``batches.augment``, two views of each sample; with neither, the paper's plain batches. Returns the
-    mean loss (per head) and the share of pairs above ``zeta`` (head 0).
-    """
+    """One epoch of :func:`phase2_step` and optimizer steps with every head of ``model``. Returns the mean loss
+    (per head) and the share of pairs above ``zeta`` (head 0); ``selector`` records each head's loss."""
     model.train()
-    paired = batches.augment is not None or positives is not None
     if selector is not None:
         selector.start_epoch()
     total, pos_total, n = 0.0, 0.0, len(batches.xn)
     for idx in batches.epoch():
-        xa, b = batches.xn[idx], len(idx)
-        share = batches.local_share(b)
-        if paired:
-            xb = batches.xn[positives.sample(idx, batches.generator)] if positives is not None else xa
-            inputs = torch.cat([batches.shard(batches.view(xa)), batches.shard(batches.view(xb))])
-        else:
-            inputs = batches.shard(xa).to(batches.device)
-        u, qs = forward(inputs)
-        p = None if loss_fn.q_space else model.centers(u.detach())
-        loss = u.new_zeros(())
-        for h, q in enumerate(qs):
-            loss_h = loss_fn(q, p, known_positives=paired, local_share=share)
-            if h == 0:
-                pos_total += loss_fn.last_positive_share.item() * b  # type: ignore[union-attr]
+        loss, per_head, positive_share = phase2_step(model, forward, loss_fn, batches, idx, positives)
+        b = len(idx)
+        pos_total += positive_share.item() * b
+        for h, loss_h in enumerate(per_head):
             if selector is not None:
                 selector.add(h, loss_h.item(), b)
-            loss = loss + loss_h
         _step(opt, loss)
-        total += loss.item() / len(qs) * b
+        total += loss.item() / len(per_head) * b
     if selector is not None:
         selector.end_epoch(n)
     return {"loss": total / n, "positive_pair_share": pos_total / n}
