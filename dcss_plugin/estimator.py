@@ -289,8 +289,10 @@ class DCSS(ClusterMixin, BaseEstimator):
     def transform(self, X: Any, batch_size: int = 4096) -> np.ndarray:
         """Latent embeddings ``u`` (N, d) float32."""
         model, x = self._check_fitted(), self._prepare(X)
-        xn = model.normalize(x.to(model.head_index.device))
-        return encode_all(model, xn, batch_size).cpu().numpy().astype(np.float32)
+        dev = model.head_index.device
+        model.eval()  # no collective here: after a DDP fit rank 0 alone may call this
+        out = [model.encode(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)]
+        return torch.cat(out).numpy().astype(np.float32)
 
     def fit_predict(self, X: Any, y: Any = None, **kwargs: Any) -> np.ndarray:
         return self.fit(X, **kwargs).labels_
