@@ -6,7 +6,10 @@ optional integer labels (only ever used for reported metrics), before any traini
 
 from __future__ import annotations
 
+import csv
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -20,6 +23,7 @@ __all__ = [
     "shuffled_batches",
     "InputNormalizer",
     "as_tensor",
+    "to_float32",
     "validate_features",
     "validate_labels",
     "load_array",
@@ -40,31 +44,142 @@ def _to_numpy(obj: Any) -> np.ndarray:
     return np.asarray(obj)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_EXACT_INT = 2 ** 24  # every integer up to this is exact in float32; above it neighbours merge
+
+
+def _refuse_complex(dtype: Any, name: str) -> None:
+    if np.issubdtype(np.dtype(dtype), np.complexfloating):
+        raise DataError(f"{name} is complex ({np.dtype(dtype)}); DCSS clusters real numbers and would drop the "
+                        "imaginary part. Pass real features, e.g. np.concatenate([x.real, x.imag], axis=1) or np.abs(x).")
+
+
+def to_float32(arr: Any, name: str = "data", check_variation: bool = True) -> np.ndarray:
+    """``arr`` as a float32 numpy array, refusing what the cast would silently damage (:class:`DataError`).
+
+    * complex values (the imaginary part would be dropped);
+    * finite values beyond float32's range (|x| > 3.4e38 would become inf);
+    * integers above 2**24 whose distinct values merge in float32, and wider floats whose whole variation is
+      below float32's resolution, when the data would come out constant (a warning when only some features lose
+      variation).
+
+    ``check_variation=False`` skips the last check (for one batch or item of a larger dataset).
+
+    Example:
+        >>> to_float32(np.array([[1e39, 0.0]]))      # DataError: overflows float32
+    """
+    arr = _to_numpy(arr)
+    if arr.dtype == object:
+        raise DataError(f"{name} could not be read as a numeric array (ragged or mixed types); pass an (N, ...) array.")
+    _refuse_complex(arr.dtype, name)
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise DataError(f"{name} must be numeric, got dtype {arr.dtype}.")
+    with np.errstate(over="ignore"):  # an overflow is reported below, with the rows
+        out = arr.astype(np.float32, copy=False)
+    if out is arr or arr.dtype == bool or arr.size == 0:
+        return out
+    if np.issubdtype(arr.dtype, np.floating) and arr.dtype.itemsize > 4:
+        if not np.isfinite(out).all():
+            over = np.isfinite(arr) & ~np.isfinite(out)
+            if over.any():
+                rows = np.nonzero(over.reshape(len(over), -1).any(1) if over.ndim > 1 else over)[0]
+                raise DataError(
+                    f"{name} has values that overflow float32 (|x| > {_F32_MAX:.3g}, largest {np.abs(arr[over]).max():.3g}) "
+                    f"in {len(rows)} row(s) (first: {rows[:5].tolist()}); DCSS computes in float32. Rescale "
+                    "those features (e.g. divide by a power of ten, or take a log) before clustering.")
+        if check_variation:
+            _check_lost_variation(arr, out, name, integer=False)
+    elif check_variation and np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize > 2:
+        if arr.size and max(int(arr.max()), -int(arr.min())) > _F32_EXACT_INT:
+            _check_lost_variation(arr, out, name, integer=True)
+    return out
+
+
+def _check_lost_variation(arr: np.ndarray, out: np.ndarray, name: str, integer: bool) -> None:
+    """Refuse a cast that makes varying data constant; warn when it makes some varying features constant or
+    (integers) merges distinct values."""
+    if arr.ndim == 0 or len(arr) < 2:
+        return
+    a, o = arr.reshape(len(arr), -1), out.reshape(len(out), -1)
+    varies = a.max(0) != a.min(0)
+    still = o.max(0) != o.min(0)
+    lost = varies & ~still
+    if integer:
+        what = (f"its integers above 2**24 = {_F32_EXACT_INT} lose precision in float32 (neighbouring values "
+                "become equal)")
+        fix = "subtract an offset first (e.g. x - x.min(0)), or drop identifier columns, which are not features"
+    else:
+        what = "its variation is below float32's resolution at the values' magnitude (about 6e-8 relative)"
+        fix = "subtract the per-feature mean in float64 first (x - x.mean(0)), then pass the result"
+    if varies.any() and not still.any():
+        raise DataError(f"{name} becomes constant when converted to float32, which DCSS computes in: {what}; {fix}.")
+    if lost.any():
+        cols = np.nonzero(lost)[0]
+        warnings.warn(f"{name}: {len(cols)} feature(s) (first: {cols[:5].tolist()}) become constant in float32: "
+                      f"{what}; {fix}.", UserWarning, stacklevel=3)
+    elif integer and (o.astype(np.int64) != a).any():
+        merged = sum(len(np.unique(a[:, j])) - len(np.unique(o[:, j])) for j in range(a.shape[1]))
+        if merged:
+            warnings.warn(f"{name}: {merged} distinct value(s) merge with a neighbour in float32: {what}; {fix}.",
+                          UserWarning, stacklevel=3)
+
+
+def _in_dataset_order(loader: Any) -> Any:
+    """``loader`` itself when it yields its dataset in order; otherwise an unshuffled loader over the same dataset
+    (same batch size and collate function), so that results come in dataset order; DataError when that cannot be."""
+    from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, SequentialSampler
+
+    if isinstance(loader.dataset, IterableDataset):
+        return loader  # the dataset's own iteration order
+    batch_sampler = loader.batch_sampler
+    sampler = batch_sampler.sampler if type(batch_sampler) is BatchSampler else (
+        loader.sampler if batch_sampler is None else None)
+    if isinstance(sampler, SequentialSampler):
+        if type(batch_sampler) is BatchSampler and batch_sampler.drop_last:
+            pass  # fall through: read every sample, in order
+        else:
+            return loader
+    elif not (isinstance(sampler, RandomSampler) and not sampler.replacement
+              and sampler.num_samples == len(loader.dataset)):
+        raise DataError(
+            f"The DataLoader draws its samples with {type(sampler or batch_sampler).__name__}, so its order is not the "
+            "dataset's and results (labels_) could not be matched to your samples. Pass the Dataset itself, or a "
+            "DataLoader with shuffle=False and no sampler.")
+    batched = loader.batch_size is not None
+    return DataLoader(loader.dataset, batch_size=loader.batch_size if batched else 256, shuffle=False,
+                      collate_fn=loader.collate_fn if batched else None, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory)
+
+
+def _batch_tensor(obj: Any, name: str) -> Tensor:
+    if isinstance(obj, Tensor) and obj.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
+        return obj.float()
+    return torch.as_tensor(to_float32(obj, name, check_variation=False))
+
+
 def as_tensor(data: Any) -> Tuple[Tensor, Optional[Tensor]]:
     """Bring ``data`` to ``(x, y)``: ``x`` float32 (N, ...), ``y`` int64 (N,) when the input carries labels.
 
     Accepts a numpy array, a tensor, a ``torch.utils.data.Dataset`` (items ``x`` or ``(x, y, ...)``) or a
-    ``DataLoader`` (batches ``x`` or ``(x, y, ...)``). Datasets and loaders are read once into memory.
+    ``DataLoader`` (batches ``x`` or ``(x, y, ...)``). Datasets and loaders are read once into memory, always in
+    dataset order: a shuffling loader (``shuffle=True``) is read through an unshuffled one over the same dataset,
+    and a loader with any other sampler is refused. Complex values, values beyond float32's range and data whose
+    variation float32 cannot hold are refused (see :func:`to_float32`).
     """
     from torch.utils.data import DataLoader, Dataset
 
     if isinstance(data, (np.ndarray, Tensor)) or isinstance(data, (list, tuple)) and not isinstance(data, Dataset):
-        arr = _to_numpy(data)
-        if arr.dtype == object:
-            raise DataError("Data could not be read as a numeric array (ragged or mixed types); pass an (N, ...) array.")
-        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise DataError(f"Data must be numeric, got dtype {arr.dtype}.")
-        arr = arr.astype(np.float32, copy=False)
+        arr = to_float32(data, "Data")
         if not arr.flags.writeable:  # e.g. a read-only view from pandas: copy, since torch cannot share it
             arr = arr.copy()
         return torch.as_tensor(arr), None
     if isinstance(data, DataLoader):
         xs, ys = [], []
-        for batch in data:
+        for batch in _in_dataset_order(data):
             bx, by = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 else (batch, None)
             if isinstance(batch, (list, tuple)) and len(batch) == 1:
                 bx = batch[0]
-            xs.append(torch.as_tensor(bx).float())
+            xs.append(_batch_tensor(bx, "A DataLoader batch"))
             if by is not None:
                 ys.append(torch.as_tensor(by).long().reshape(-1))
         if not xs:
@@ -77,11 +192,11 @@ def as_tensor(data: Any) -> Tuple[Tensor, Optional[Tensor]]:
         for i in range(len(data)):  # type: ignore[arg-type]
             item = data[i]
             if isinstance(item, (list, tuple)):
-                xs.append(torch.as_tensor(np.asarray(item[0])).float())
+                xs.append(_batch_tensor(np.asarray(item[0]), "A Dataset item"))
                 if len(item) > 1:
                     ys.append(int(item[1]))
             else:
-                xs.append(torch.as_tensor(np.asarray(item)).float())
+                xs.append(_batch_tensor(np.asarray(item), "A Dataset item"))
         if not xs:
             raise DataError("The Dataset is empty.")
         return torch.stack(xs), (torch.tensor(ys, dtype=torch.long) if len(ys) == len(xs) else None)
@@ -134,27 +249,79 @@ def validate_labels(y: Any, n: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def load_array(path: str | os.PathLike) -> np.ndarray:
-    """Read ``.npy``, ``.csv`` (numeric, optional header row) or ``.pt`` (a tensor, loaded with weights_only)."""
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv(path: str, header: Any = "auto") -> np.ndarray:
+    """A numeric CSV as a float64 (N, F) array; see :func:`load_array` for the header rule."""
+    if header not in ("auto", True, False):
+        raise DataError(f"header must be 'auto', True or False, got {header!r}.")
+    with open(path, "r", encoding="utf-8-sig", newline="") as fh:  # utf-8-sig: Excel's byte-order mark is dropped
+        sample = fh.read(65536)
+    lines = [ln for ln in sample.splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{path!r} is empty; a CSV needs one row per sample.")
+    try:
+        delimiter = csv.Sniffer().sniff("\n".join(lines[:20]), delimiters=",;\t").delimiter
+    except csv.Error:
+        delimiter = ","
+    first = next(csv.reader(io.StringIO(lines[0]), delimiter=delimiter))
+    named = any(v.strip() and not _is_number(v) for v in first) or (len(first) > 1 and not first[0].strip())
+    skip = 1 if (header is True or (header == "auto" and named)) else 0
+    if named and header is False:
+        raise DataError(f"The first row of {path!r} is not numeric ({lines[0][:80]!r}) but header=False was given.")
+    arr = np.loadtxt(path, delimiter=delimiter, skiprows=skip, dtype=np.float64, ndmin=2, encoding="utf-8-sig",
+                     quotechar='"')
+    if skip and first and not first[0].strip() and len(first) == arr.shape[1] and len(arr) \
+            and np.array_equal(arr[:, 0], np.arange(len(arr))):
+        arr = arr[:, 1:]  # pandas' to_csv index column (its header cell is empty): row numbers, not a feature
+    if not skip and header == "auto" and len(arr) > 1 and arr.shape[1] > 1:
+        f = arr.shape[1]
+        numbered = np.array_equal(arr[0], np.arange(f)) or np.array_equal(arr[0], np.arange(1, f + 1))
+        if numbered:
+            rest = arr[1:]
+            if not np.all(rest == np.round(rest)):
+                arr = rest  # a row of column numbers above non-integer data: a header (pandas writes one)
+            else:
+                warnings.warn(f"The first row of {path!r} reads {', '.join(str(i) for i in arr[0, :4].astype(int))}"
+                              f"{', ...' if f > 4 else ''}: column numbers or data? It is read as data; pass "
+                              "header=True if it is a header.", UserWarning, stacklevel=3)
+    return arr
+
+
+def load_array(path: str | os.PathLike, header: Any = "auto") -> np.ndarray:
+    """Read ``.npy``, ``.csv`` (numeric) or ``.pt`` (a tensor, loaded with weights_only).
+
+    CSV: UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8"); the delimiter (``,``, ``;`` or tab) is
+    detected. ``header="auto"`` takes the first row as a header when any field of it is not a number or is empty,
+    or when it reads ``0, 1, ..., F-1`` (or ``1, ..., F``) above data with non-integer values (pandas' column
+    numbers); the same numbers above integer data are read as data, with a warning. ``header=True`` / ``False``
+    decides explicitly. After a header whose first cell is empty, a first column ``0..N-1`` is pandas' index and
+    is dropped. Complex data are refused.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"File not found: {path!r}.")
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".npy":
-            return np.load(path, allow_pickle=False)
-        if ext == ".csv":
-            with open(path, "r", encoding="utf-8") as fh:
-                first = fh.readline()
-            try:
-                [float(v) for v in first.strip().split(",") if v.strip()]
-                skip = 0
-            except ValueError:
-                skip = 1
-            arr = np.loadtxt(path, delimiter=",", skiprows=skip, dtype=np.float64, ndmin=2)
+            arr = np.load(path, allow_pickle=False)
+            _refuse_complex(arr.dtype, f"{path!r}")
             return arr
+        if ext == ".csv":
+            return _read_csv(path, header)
         if ext == ".pt":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - the reason without torch's weights_only=False advice
+                from .errors import describe_load_error
+
+                raise DataError(f"Could not read {path!r} as a tensor file: {describe_load_error(exc)}.") from None
             if isinstance(obj, dict):
                 tensors = [v for v in obj.values() if isinstance(v, Tensor)]
                 if len(tensors) != 1:
@@ -162,9 +329,13 @@ def load_array(path: str | os.PathLike) -> np.ndarray:
                 obj = tensors[0]
             if not isinstance(obj, Tensor):
                 raise DataError(f"{path!r} does not hold a tensor (found {type(obj).__name__}).")
+            if obj.is_complex():
+                _refuse_complex(np.complex64, f"{path!r}")
             return obj.numpy()
     except DataError:
         raise
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as CSV UTF-8.") from None
     except Exception as exc:  # noqa: BLE001 - reported with the file name
         raise DataError(f"Could not read {path!r} as {ext or 'an array'} file: {exc}") from exc
     raise DataError(f"Unsupported file type {ext!r} for {path!r}; use .npy, .csv or .pt.")

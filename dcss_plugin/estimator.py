@@ -274,21 +274,25 @@ class DCSS(ClusterMixin, BaseEstimator):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict_proba(self, X: Any, batch_size: int = 4096) -> np.ndarray:
-        """Soft assignments ``q`` (N, K) float32 (eval mode)."""
+        """Soft assignments ``q`` (N, K) float32 (eval mode); (0, K) for no rows."""
         model, x = self._check_fitted(), self._prepare(X)
+        if len(x) == 0:
+            return np.zeros((0, model.n_clusters), dtype=np.float32)
         dev = model.head_index.device
         model.eval()
         out = [model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy().astype(np.float32)
 
     def predict(self, X: Any) -> np.ndarray:
-        """Cluster of each row, ``argmax q`` (N,) int64."""
-        return self.predict_proba(X).argmax(1).astype(np.int64)
+        """Cluster of each row, ``argmax q`` (N,) int64; an empty (0,) array for no rows."""
+        return self.predict_proba(X).argmax(1).astype(np.int64).reshape(-1)
 
     @torch.no_grad()
     def transform(self, X: Any, batch_size: int = 4096) -> np.ndarray:
-        """Latent embeddings ``u`` (N, d) float32."""
+        """Latent embeddings ``u`` (N, d) float32; (0, d) for no rows."""
         model, x = self._check_fitted(), self._prepare(X)
+        if len(x) == 0:
+            return np.zeros((0, model.latent_dim), dtype=np.float32)
         dev = model.head_index.device
         model.eval()  # no collective here: after a DDP fit rank 0 alone may call this
         out = [model.encode(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)]

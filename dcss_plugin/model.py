@@ -7,6 +7,7 @@ by :meth:`DCSSModel.normalize`; :meth:`DCSSModel.forward` and :meth:`DCSSModel.e
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Dict, Optional, Sequence
 
@@ -49,14 +50,19 @@ class Normalize(nn.Module):
 
     @classmethod
     def fit(cls, x: Tensor) -> "Normalize":
-        """Statistics of training data ``x``: vectors (N, F) are standardised per feature (a spread below 1e-8 is
-        left unscaled); images (N, C, H, W) share one offset ``min(x.min(), 0)`` and one scale (the range)."""
+        """Statistics of training data ``x``: vectors (N, F) are standardised per feature (a constant feature is
+        left unscaled; a tiny but real spread, below 1e-8, is scaled up like any other); images (N, C, H, W) share
+        one offset ``min(x.min(), 0)`` and one scale (the range, however small; 1e-8 for all-zero images)."""
         if x.dim() == 2:
             scale = x.std(0, unbiased=False)
-            return cls(x.mean(0), torch.where(scale > 1e-8, scale, torch.ones_like(scale)))
+            keep = scale > 1e-8
+            if not bool(keep.all()):  # a spread <= 1e-8 is real when the feature's values differ (float32 data)
+                keep |= (scale > 0) & (x.amax(0) > x.amin(0))
+            return cls(x.mean(0), torch.where(keep, scale, torch.ones_like(scale)))
         lo, hi = float(x.min()), float(x.max())
         shape = (1,) * (x.dim() - 1)
-        return cls(torch.full(shape, min(lo, 0.0)), torch.full(shape, max(hi - min(lo, 0.0), 1e-8)))
+        span = hi - min(lo, 0.0)
+        return cls(torch.full(shape, min(lo, 0.0)), torch.full(shape, span if span > 1e-30 else 1e-8))
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.offset.to(x.dtype)) / self.scale.to(x.dtype)
@@ -243,13 +249,14 @@ class DCSSModel(nn.Module):
         try:
             cfg = state["model"]
             spec = dict(cfg["spec"])
+            if encoder is None and spec.get("kind") == "custom":
+                raise ValueError(f"it was trained with a custom encoder ({spec.get('class')}); pass an instance "
+                                 "of the same architecture as encoder= (and decoder=).")
+            sd = state["state"]
+            _check_config_against_tensors(cls, cfg, spec, sd, encoder, decoder)
             if encoder is None:
-                if spec.get("kind") == "custom":
-                    raise ValueError(f"it was trained with a custom encoder ({spec.get('class')}); pass an instance "
-                                     "of the same architecture as encoder= (and decoder=).")
                 encoder, built_decoder = build_networks(spec)
                 decoder = decoder if decoder is not None else (built_decoder if cfg.get("has_decoder") else None)
-            sd = state["state"]
             model = cls(encoder, int(cfg["n_clusters"]), int(cfg["latent_dim"]), decoder=decoder,
                         normalize=Normalize(sd["normalize.offset"], sd["normalize.scale"])
                         if "normalize.offset" in sd else None,
@@ -261,6 +268,52 @@ class DCSSModel(nn.Module):
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"{source!r} is not a usable DCSS model: {exc}") from exc
         return model
+
+
+def _check_config_against_tensors(cls: type, cfg: Dict[str, Any], spec: Dict[str, Any], sd: Dict[str, Any],
+                                  encoder: Optional[nn.Module], decoder: Optional[nn.Module]) -> None:
+    """Refuse a config that does not describe the saved tensors, before any real module is built: a forged or
+    damaged file (e.g. ``hidden_dims=[20000, 20000]`` beside small tensors) must not make the loader allocate
+    gigabytes. The model the config describes is built on the ``meta`` device (shapes only, no memory) and its
+    parameter shapes are compared with the file's; a builder that cannot run on ``meta`` is only bounded by size."""
+    from .registry import build_networks
+
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError("its 'state' is not a dict of tensors.")
+    limit = len(sd) + 8  # a network has at most about one saved tensor per configured layer or head
+    lists = {f"spec.{k}": v for k, v in spec.items() if isinstance(v, (list, tuple))}
+    lists["head_hidden_dims"] = cfg["head_hidden_dims"]
+    for name, value in list(lists.items()) + [("num_heads", [None] * int(cfg["num_heads"]))]:
+        if len(value) > limit:
+            raise ValueError(f"its config lists {len(value)} entries in {name}, more than its {len(sd)} tensors "
+                             "can describe (a damaged or forged file).")
+    keep_decoder = decoder is not None or (encoder is None and bool(cfg.get("has_decoder")))
+    saved = {k: tuple(v.shape) for k, v in sd.items()
+             if not k.startswith("normalize.") and (keep_decoder or not k.startswith("decoder."))}
+    try:
+        identity = Normalize()
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            enc, dec = encoder, decoder
+            if enc is None:
+                enc, built = build_networks(spec)
+                dec = dec if dec is not None else (built if cfg.get("has_decoder") else None)
+            meta = cls(enc, int(cfg["n_clusters"]), int(cfg["latent_dim"]), decoder=dec, normalize=identity,
+                       m=float(cfg["m"]), num_heads=int(cfg["num_heads"]),
+                       head_hidden_dims=tuple(cfg["head_hidden_dims"]), spec=spec)
+        expected = {k: tuple(v.shape) for k, v in meta.state_dict().items() if not k.startswith("normalize.")}
+    except Exception:  # noqa: BLE001 - a builder that needs real tensors: the real build and strict load check it
+        return
+    wrong = [f"{k} is {tuple(expected[k])} by the config but {saved[k]} in the file"
+             for k in expected if k in saved and expected[k] != saved[k]]
+    if wrong:
+        raise ValueError(f"its config does not match its tensors ({'; '.join(wrong[:3])}"
+                         f"{'; ...' if len(wrong) > 3 else ''}); refused before building the networks.")
+    numel = lambda shapes: sum(math.prod(s) for s in shapes.values())  # noqa: E731
+    want, have = numel(expected), numel(saved)
+    if want > 2 * have + 1_000_000:
+        missing = [k for k in expected if k not in saved][:3]
+        raise ValueError(f"its config describes {want:,} parameters but the file holds {have:,} (missing e.g. "
+                         f"{', '.join(missing)}); refused before building the networks.")
 
 
 def _from_old_checkpoint(old: Dict[str, Any]) -> Dict[str, Any]:

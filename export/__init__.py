@@ -5,9 +5,11 @@
   loop included), a fitted :class:`~dcss_plugin.DCSS` or a run directory: input ``u`` (N, d) (head) or ``x``
   (N, *sample_shape) (full: normalisation + encoder + selected head); outputs ``q`` (N, K) float32, ``label`` (N,)
   int64, ``confidence`` (N,) float32; dynamic batch axis; metadata with K, d, the normalisation, the config, the
-  package version and an integrity digest. Every export is checked against PyTorch with onnxruntime.
-* :mod:`dcss_plugin.export.runtime`: ``OnnxClusterAssigner(path, provider="auto"|"cuda"|"cpu")`` checks the file
-  and the inputs, reports the provider that really runs, and binds CUDA tensors without a host copy.
+  package version and an integrity digest (against accidental corruption; ``sign_key=`` adds an HMAC-SHA256
+  signature against tampering). Every export is checked against PyTorch with onnxruntime.
+* :mod:`dcss_plugin.export.runtime`: ``OnnxClusterAssigner(path, provider="auto"|"cuda"|"cpu", verify_key=None)``
+  checks the file (and, with ``verify_key``, its signature) and the inputs, reports the provider that really
+  runs, and binds CUDA tensors without a host copy.
 
 onnx and onnxruntime are imported by those submodules, not here, so ``import dcss_plugin.export`` stays light.
 The export reads only the model's public parts; ``dcss_plugin`` itself never imports this package. The assign

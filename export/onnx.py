@@ -20,7 +20,13 @@ ties, as :meth:`DCSSModel.predict`) and ``confidence`` (N,) float32 (``max q``).
 The file's ``metadata_props`` say everything a service needs (see :data:`METADATA_KEYS`): K, d, the input name
 and shape, the normalisation (offset/scale as JSON), the package version, the preset and the config, the
 export kind, the fp16 flag, and a SHA-256 digest of graph + metadata that
-:class:`~dcss_plugin.export.runtime.OnnxClusterAssigner` checks, so that a corrupted or edited file is refused.
+:class:`~dcss_plugin.export.runtime.OnnxClusterAssigner` checks, so that a corrupted file is refused.
+
+Integrity versus authenticity: the ``digest`` entry is an integrity check against accidental corruption (a
+truncated copy, a flipped bit, an edited metadata entry). It is not tamper protection: anyone can edit a weight and
+recompute it. For that, sign the export with a secret key (``sign_key=KEY_FILE``, ``dcss export ... --sign-key
+KEY_FILE``) and load it with the same key (``OnnxClusterAssigner(path, verify_key=KEY_FILE)``, ``dcss assign ...
+--verify-key KEY_FILE``); see :func:`sign_model_bytes` for exactly what is signed.
 
 Every export is run by onnxruntime before it is written and compared with the PyTorch model (float32: ``q`` within
 1e-4). fp16 (``fp16=True``): weights and compute in float16, inputs and outputs stay float32 (the normalisation runs
@@ -50,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -78,7 +85,12 @@ __all__ = [
     "export_assigner",
     "export_from_cli",
     "metadata_digest",
+    "read_signing_key",
     "resolve_source",
+    "sign_model_bytes",
+    "signature_entry",
+    "signature_of",
+    "SigningKeyError",
 ]
 
 log = logging.getLogger("dcss_plugin")
@@ -87,6 +99,11 @@ ASSIGNER_FORMAT = "dcss-plugin/onnx-assigner-v1"
 OUTPUT_NAMES = ("q", "label", "confidence")
 TORCHSCRIPT_OPSET = 17
 DIGEST_KEY = "digest"
+SIGNATURE_KEY = "signature"  # optional: present in signed exports only (not one of METADATA_KEYS)
+SIGNATURE_SCHEME = "hmac-sha256"
+MIN_KEY_BYTES = 16
+_SIGNATURE_CONTEXT = b"dcss-plugin/onnx-assigner-signature-v1\0"  # HMAC input prefix: a key used elsewhere too
+#                                                                      cannot be made to sign assigners by accident
 NO_PRESET = "none"  # the metadata preset of a model trained outside the estimator
 
 #: The ``metadata_props`` every exported assigner carries (all values are strings; JSON where structured).
@@ -110,7 +127,8 @@ METADATA_KEYS = {
               "the estimator",
     "exporter": "'torchscript' or 'dynamo' (which torch.onnx exporter wrote the graph)",
     "torch_version": "torch.__version__ at export",
-    DIGEST_KEY: "sha256 over the serialized graph and every other metadata entry",
+    DIGEST_KEY: "sha256 over the serialized graph and every other metadata entry (but 'signature'): an integrity "
+                "check against accidental corruption, not tamper protection (anyone can recompute it)",
 }
 
 
@@ -322,17 +340,96 @@ def _to_onnx(graph: nn.Module, example: Tensor, input_name: str, exporter: str) 
 
 # ---------------------------------------------------------------------------------------------------- metadata
 def metadata_digest(model_proto: Any) -> str:
-    """SHA-256 (hex) over the serialized graph and every metadata entry except the digest itself.
+    """SHA-256 (hex) over the serialized graph and every metadata entry except the digest and the signature.
+
+    An integrity check against accidental corruption only: it has no secret, so whoever edits the file can
+    recompute it. Tamper protection is the HMAC signature (:func:`sign_model_bytes`).
 
     Example:
         >>> metadata_digest(onnx.load("assigner.onnx")) == dict(...)["digest"]
     """
     h = hashlib.sha256()
     h.update(model_proto.graph.SerializeToString(deterministic=True))
-    meta = sorted((p.key, p.value) for p in model_proto.metadata_props if p.key != DIGEST_KEY)
+    meta = sorted((p.key, p.value) for p in model_proto.metadata_props if p.key not in (DIGEST_KEY, SIGNATURE_KEY))
     h.update(b"\0")
     h.update(json.dumps(meta, separators=(",", ":")).encode("utf-8"))
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- signing
+class SigningKeyError(ValueError):
+    """A signing or verification key that cannot be used: empty or shorter than :data:`MIN_KEY_BYTES` bytes."""
+
+
+def read_signing_key(key: Union[str, os.PathLike, bytes]) -> bytes:
+    """The secret key: the bytes of the file ``key`` (or ``key`` itself when given as bytes).
+
+    The file's bytes are the key exactly as stored (a trailing newline included), so the signer and the verifier
+    must use the same file contents. Make one with e.g. ``head -c 32 /dev/urandom > dcss.key``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        SigningKeyError: an empty key or one under 16 bytes (too easy to guess).
+    """
+    if isinstance(key, (bytes, bytearray)):
+        data, what = bytes(key), "The signing key"
+    else:
+        path = os.fspath(key)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Key file not found: {path!r}. Create one with e.g. `head -c 32 /dev/urandom "
+                                    "> dcss.key` and keep it secret.")
+        with open(path, "rb") as fh:
+            data = fh.read()
+        what = f"The key file {path!r}"
+    if not data:
+        raise SigningKeyError(f"{what} is empty; a key needs at least {MIN_KEY_BYTES} bytes (e.g. `head -c 32 "
+                              "/dev/urandom > dcss.key`).")
+    if len(data) < MIN_KEY_BYTES:
+        raise SigningKeyError(f"{what} has {len(data)} bytes, under the {MIN_KEY_BYTES} bytes a key needs to resist "
+                              "guessing (e.g. `head -c 32 /dev/urandom > dcss.key`).")
+    return data
+
+
+def signature_of(unsigned: bytes, key: bytes) -> str:
+    """The ``signature`` metadata value of the unsigned model bytes: ``"hmac-sha256:" + hex``."""
+    mac = hmac.new(key, _SIGNATURE_CONTEXT + unsigned, hashlib.sha256).hexdigest()
+    return f"{SIGNATURE_SCHEME}:{mac}"
+
+
+def signature_entry(value: str) -> bytes:
+    """The serialized ``metadata_props`` entry ``signature=value``, as it ends a signed file (field 14 of
+    ``ModelProto``: a tag, a length and the ``StringStringEntryProto``)."""
+    import onnx
+
+    holder = onnx.ModelProto()
+    holder.metadata_props.add(key=SIGNATURE_KEY, value=value)
+    return holder.SerializeToString()
+
+
+def sign_model_bytes(data: bytes, key: bytes) -> bytes:
+    """Sign a serialized assigner with HMAC-SHA256: returns ``data + signature_entry(signature_of(data, key))``.
+
+    What is signed: the exact bytes of the unsigned file (behind a fixed context prefix). The signature is
+    appended as one more ``metadata_props`` entry after them; protobuf merges a repeated field that appears again
+    at the end, so the result is the same model with one more metadata entry, and the signed bytes stay exactly
+    the file minus its last ``len(signature_entry(...))`` bytes. Verification
+    (:func:`~dcss_plugin.export.runtime.read_assigner` with ``verify_key``) parses the file, takes its single
+    ``signature`` entry, checks that the file ends with exactly that entry's bytes, and recomputes the HMAC over
+    everything before them. No re-serialization is involved, so nothing depends on protobuf serializing the same
+    way on both machines, and any changed, added or removed byte is refused. A sidecar ``.sig`` file would also
+    leave the model bytes alone, but it gets lost when the model is copied; this keeps the export one file.
+    Tools that re-save the model (``onnx.save``) move the entry and so break the signature, as any edit should.
+    The integrity digest does not cover the signature entry, so an unsigned reader still accepts a signed file.
+
+    Raises:
+        ValueError: ``data`` already carries a signature.
+    """
+    import onnx
+
+    proto = onnx.ModelProto.FromString(data)
+    if any(p.key == SIGNATURE_KEY for p in proto.metadata_props):
+        raise ValueError("This model is signed already; sign the unsigned export.")
+    return data + signature_entry(signature_of(data, key))
 
 
 def _normalization(norm: nn.Module, shape: Optional[Tuple[int, ...]]) -> Dict[str, Any]:
@@ -554,7 +651,8 @@ def _verify(src: ExportSource, data: bytes, shape: Optional[Tuple[int, ...]], fu
 # ---------------------------------------------------------------------------------------------------- public
 def export_assigner(model: Union[DCSSModel, DCSS, str, os.PathLike], path: Union[str, os.PathLike], *,
                     full: bool = False, fp16: bool = False, input_shape: Optional[Sequence[int]] = None,
-                    check_data: Any = None, exporter: str = "auto", verify: bool = True) -> str:
+                    check_data: Any = None, exporter: str = "auto", verify: bool = True,
+                    sign_key: Union[str, os.PathLike, bytes, None] = None) -> str:
     """Write a DCSS model as one self-contained ONNX file (atomically) and return its path.
 
     Args:
@@ -573,19 +671,24 @@ def export_assigner(model: Union[DCSSModel, DCSS, str, os.PathLike], path: Union
         exporter: ``"auto"`` (TorchScript exporter while torch ships it, else dynamo), ``"torchscript"`` or
             ``"dynamo"``.
         verify: run the exported graph with onnxruntime against PyTorch before writing (always on for fp16).
+        sign_key: a secret key file (or the key as bytes, at least 16 bytes): sign the file with HMAC-SHA256 (see
+            :func:`sign_model_bytes`), so that ``OnnxClusterAssigner(path, verify_key=...)`` with the same key
+            refuses any edited or foreign model. Without it the file carries only the integrity digest.
 
     Returns:
         ``path`` as a string.
 
     Raises:
         ValueError: a full export without a known input shape, an fp16 export that changes a label, an unfitted
-            estimator, ``path`` a directory.
+            estimator, ``path`` a directory, an empty or short key (:class:`SigningKeyError`).
+        FileNotFoundError: ``sign_key`` names no file.
 
     Example:
         >>> model = DCSSModel(encoder, n_clusters=10, latent_dim=10, normalize=Normalize.fit(x))   # own loop ...
         >>> export_assigner(model, "assigner.onnx", full=True, input_shape=(1, 8, 8))
         >>> OnnxClusterAssigner("assigner.onnx")(x).label[:5]
     """
+    key = read_signing_key(sign_key) if sign_key is not None else None  # before any work: a bad key fails at once
     src = resolve_source(model)
     out = os.fspath(path)
     if os.path.isdir(out):
@@ -596,23 +699,29 @@ def export_assigner(model: Union[DCSSModel, DCSS, str, os.PathLike], path: Union
     _check_traceable(graph, example)  # batch 2: no size-1 specialising
     proto, used = _to_onnx(graph, example, "x" if full else "u", exporter)
     data = _finalize(proto, _metadata(src, shape, full, fp16, used), full, fp16)
+    if key is not None:
+        data = sign_model_bytes(data, key)
     if verify or fp16:
         _verify(src, data, shape, full, fp16, check_data)
     atomic_write_bytes(out, data)
-    log.info("wrote %s (%s export, %s, %d bytes, %s exporter)", out, "full" if full else "head",
-             "fp16" if fp16 else "fp32", len(data), used)
+    log.info("wrote %s (%s export, %s, %d bytes, %s exporter%s)", out, "full" if full else "head",
+             "fp16" if fp16 else "fp32", len(data), used, ", signed" if key is not None else "")
     return out
 
 
 def export_from_cli(args: Any) -> int:
-    """``dcss export RUN_DIR [--full] [--fp16] --out FILE.onnx``: returns the exit status."""
+    """``dcss export RUN_DIR [--full] [--fp16] [--sign-key KEY] --out FILE.onnx``: returns the exit status."""
+    sign_key = getattr(args, "sign_key", None)
+    if sign_key and os.path.abspath(os.fspath(args.out)) == os.path.abspath(os.fspath(sign_key)):
+        raise ValueError(f"--out {args.out!r} is the --sign-key file; writing there would destroy the key.")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        out = export_assigner(args.run_dir, args.out, full=bool(args.full), fp16=bool(args.fp16))
+        out = export_assigner(args.run_dir, args.out, full=bool(args.full), fp16=bool(args.fp16), sign_key=sign_key)
     for w in caught:
         print(f"dcss export: warning: {w.message}", file=sys.stderr)
     size = os.path.getsize(out)
     model_kind = "full (x -> q)" if args.full else "head (u -> q)"
-    print(f"dcss export: {model_kind} assigner, {'fp16' if args.fp16 else 'fp32'}, {size / 1024:.0f} KiB; "
+    signed = ", signed (HMAC-SHA256)" if sign_key else ""
+    print(f"dcss export: {model_kind} assigner, {'fp16' if args.fp16 else 'fp32'}{signed}, {size / 1024:.0f} KiB; "
           f"wrote {out}")
     return 0

@@ -4,7 +4,11 @@ The assigner needs only the file: it never rebuilds a :class:`~dcss_plugin.DCSSM
 user's own loop, whose encoder class is unknown here); everything it checks is in the file's metadata.
 
 * The file is checked before anything runs: readable ONNX, dcss-plugin metadata present, the SHA-256 digest of
-  graph + metadata unchanged since export, graph I/O as the metadata says.
+  graph + metadata unchanged since export, graph I/O as the metadata says. The digest is an integrity check
+  against accidental corruption only (anyone who edits the file can recompute it).
+* Authenticity: with ``verify_key=KEY_FILE`` the file must carry an HMAC-SHA256 signature made with that key
+  (``export_assigner(..., sign_key=KEY_FILE)``, see :func:`~dcss_plugin.export.onnx.sign_model_bytes`); a missing
+  signature, a wrong key or any changed byte raises :class:`AssignerSignatureError`.
 * Provider: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when it really runs, else CPU). onnxruntime silently falls
   back to CPU when the CUDA provider cannot start (missing driver or libraries), so the choice is read back from
   the session (``session.get_providers()``), not from ``get_available_providers()``. :attr:`provider` is the one
@@ -26,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -39,15 +44,27 @@ import torch  # imported before onnxruntime on purpose: it loads the CUDA librar
 
 from dcss_plugin.data import DataError
 
-from .onnx import ASSIGNER_FORMAT, DIGEST_KEY, METADATA_KEYS, OUTPUT_NAMES, metadata_digest
+from .onnx import (
+    ASSIGNER_FORMAT,
+    DIGEST_KEY,
+    METADATA_KEYS,
+    OUTPUT_NAMES,
+    SIGNATURE_KEY,
+    metadata_digest,
+    read_signing_key,
+    signature_entry,
+    signature_of,
+)
 
 __all__ = [
     "AssignResult",
     "AssignerFileError",
+    "AssignerSignatureError",
     "OnnxClusterAssigner",
     "ProviderUnavailableError",
     "assign_from_cli",
     "read_assigner",
+    "verify_signature",
 ]
 
 log = logging.getLogger("dcss_plugin")
@@ -58,6 +75,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 class AssignerFileError(ValueError):
     """The model file is missing its metadata, corrupt, edited after export, or not ONNX at all."""
+
+
+class AssignerSignatureError(AssignerFileError):
+    """A verify key was given and the file is not signed with it: unsigned, signed with another key, or changed
+    (any byte) after signing."""
 
 
 class ProviderUnavailableError(RuntimeError):
@@ -79,8 +101,40 @@ class AssignResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------- the file
-def read_assigner(path: Union[str, os.PathLike]) -> Tuple[bytes, Dict[str, str]]:
+def verify_signature(data: bytes, proto: Any, key: bytes, path: str) -> None:
+    """Check the HMAC-SHA256 signature of the serialized model ``data`` (parsed: ``proto``) with ``key``.
+
+    The file must hold exactly one ``signature`` entry, its serialized form must be the file's last bytes, and the
+    HMAC of everything before them must equal it (see :func:`~dcss_plugin.export.onnx.sign_model_bytes`).
+
+    Raises:
+        AssignerSignatureError: unsigned, malformed, wrong key or changed bytes.
+    """
+    values = [p.value for p in proto.metadata_props if p.key == SIGNATURE_KEY]
+    if not values:
+        raise AssignerSignatureError(
+            f"{path!r} is not signed, and a verify key was given: refusing an unsigned model. Export it with "
+            "`dcss export ... --sign-key KEY_FILE` (export_assigner(..., sign_key=KEY_FILE)).")
+    if len(values) > 1:
+        raise AssignerSignatureError(f"{path!r} has {len(values)} signature entries (a signed model has one): "
+                                     "it was edited after signing; refusing it.")
+    entry = signature_entry(values[0])
+    if not data.endswith(entry):
+        raise AssignerSignatureError(f"{path!r}: the signature is not where signing puts it (the file's end), so "
+                                     "the file was edited or re-saved after signing; refusing it.")
+    expected = signature_of(data[:-len(entry)], key).encode("ascii")
+    if not hmac.compare_digest(expected, values[0].encode("utf-8", "replace")):
+        raise AssignerSignatureError(f"{path!r} failed signature verification: it was signed with another key, or "
+                                     "changed after signing (a forged or edited model); refusing it.")
+
+
+def read_assigner(path: Union[str, os.PathLike],
+                  verify_key: Union[str, os.PathLike, bytes, None] = None) -> Tuple[bytes, Dict[str, str]]:
     """Read and check an exported assigner: returns its bytes and metadata, or raises :class:`AssignerFileError`.
+
+    With ``verify_key`` (a key file, or the key as bytes) the file must also be signed with that key
+    (:class:`AssignerSignatureError` otherwise); without it only the integrity digest is checked, which guards
+    against accidental corruption, not against deliberate edits.
 
     Example:
         >>> data, meta = read_assigner("assigner.onnx")
@@ -91,6 +145,7 @@ def read_assigner(path: Union[str, os.PathLike]) -> Tuple[bytes, Dict[str, str]]
     from onnx.external_data_helper import uses_external_data
 
     path = os.fspath(path)
+    key = read_signing_key(verify_key) if verify_key is not None else None
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ONNX model not found: {path!r}. Write one with `dcss export RUN_DIR --out "
                                 "FILE.onnx`.")
@@ -104,6 +159,8 @@ def read_assigner(path: Union[str, os.PathLike]) -> Tuple[bytes, Dict[str, str]]
     meta = {p.key: p.value for p in proto.metadata_props}
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise AssignerFileError(f"{path!r} is not an ONNX model (no graph found): corrupt or a different file type.")
+    if key is not None:
+        verify_signature(data, proto, key, path)
     if meta.get("format") != ASSIGNER_FORMAT:
         raise AssignerFileError(
             f"{path!r} is an ONNX model but not a dcss-plugin cluster assigner: its metadata lacks "
@@ -115,7 +172,8 @@ def read_assigner(path: Union[str, os.PathLike]) -> Tuple[bytes, Dict[str, str]]
     if metadata_digest(proto) != meta[DIGEST_KEY]:
         raise AssignerFileError(
             f"{path!r} failed its integrity check (digest mismatch): the graph or its metadata changed after export, "
-            "so the file is corrupt or was tampered with. Export it again from the run directory or the model.")
+            "so the file is corrupt or was edited. Export it again from the run directory or the model. (The digest "
+            "detects accidental corruption only; sign exports with --sign-key to detect deliberate tampering.)")
     if any(uses_external_data(t) for t in proto.graph.initializer):
         raise AssignerFileError(f"{path!r} refers to external tensor data; a dcss assigner is one self-contained file.")
     inputs = [i.name for i in proto.graph.input]
@@ -217,9 +275,12 @@ class OnnxClusterAssigner:
         batch_size: rows per onnxruntime call; larger inputs are chunked.
         device_id: CUDA device for the CUDA provider.
         intra_op_threads: onnxruntime intra-op threads; 0 is onnxruntime's own default (one per physical core).
+        verify_key: a secret key file (or the key as bytes): refuse the file unless it is signed with this key
+            (:class:`AssignerSignatureError`). Without it only the integrity digest is checked.
 
     Attributes:
         provider: ``"cuda"`` or ``"cpu"``, the provider that actually runs.
+        signature_verified: True when ``verify_key`` was given (and so the signature was checked).
         metadata: the file's metadata (strings).
         input_name: ``"u"`` (head export) or ``"x"`` (full export).
         input_shape: the graph input's shape without the batch axis.
@@ -236,7 +297,8 @@ class OnnxClusterAssigner:
     """
 
     def __init__(self, path: Union[str, os.PathLike], provider: str = "auto", batch_size: int = 65536,
-                 device_id: int = 0, intra_op_threads: int = 0) -> None:
+                 device_id: int = 0, intra_op_threads: int = 0,
+                 verify_key: Union[str, os.PathLike, bytes, None] = None) -> None:
         import onnxruntime as ort
 
         if int(batch_size) < 1:
@@ -244,7 +306,8 @@ class OnnxClusterAssigner:
         self.path = os.fspath(path)
         self.batch_size = int(batch_size)
         self.device_id = int(device_id)
-        data, self.metadata = read_assigner(self.path)
+        data, self.metadata = read_assigner(self.path, verify_key=verify_key)
+        self.signature_verified = verify_key is not None
         meta = self.metadata
         try:
             self.input_name: str = meta["input_name"]
@@ -425,16 +488,21 @@ class OnnxClusterAssigner:
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def assign_from_cli(args: Any) -> int:
-    """``dcss assign MODEL --data X.npy --out labels.npy [--provider auto|cpu|cuda] [--batch-size N]``."""
+    """``dcss assign MODEL --data X.npy --out labels.npy [--provider auto|cpu|cuda] [--batch-size N]
+    [--verify-key KEY]``."""
     from dcss_plugin.data import load_array
     from dcss_plugin.io import atomic_save_npy
 
     out = os.fspath(args.out)
     if os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a directory; give a file name such as {os.path.join(out, 'labels.npy')!r}.")
+    verify_key = getattr(args, "verify_key", None)
+    if verify_key and os.path.abspath(out) == os.path.abspath(os.fspath(verify_key)):
+        raise ValueError(f"--out {out!r} is the --verify-key file; writing there would destroy the key.")
     try:
         assigner = OnnxClusterAssigner(args.model, provider=getattr(args, "provider", "auto") or "auto",
-                                       batch_size=getattr(args, "batch_size", None) or 65536)
+                                       batch_size=getattr(args, "batch_size", None) or 65536,
+                                       verify_key=verify_key)
     except ProviderUnavailableError as exc:  # a user choice that cannot be honoured here: exit status 2
         raise ValueError(str(exc)) from exc
     x = load_array(args.data)
@@ -445,6 +513,7 @@ def assign_from_cli(args: Any) -> int:
     atomic_save_npy(out, labels)
     why = assigner.fallback_reason
     note = f" (CUDA not used: {why[:200]}{'...' if len(why) > 200 else ''})" if why else ""
-    print(f"dcss assign: {len(labels)} rows, K={assigner.n_clusters}, {assigner.export_kind} model, provider "
-          f"{assigner.provider} ({PROVIDERS[assigner.provider]}){note}, {seconds:.3f} s; wrote {out}")
+    signed = ", signature verified" if assigner.signature_verified else ""
+    print(f"dcss assign: {len(labels)} rows, K={assigner.n_clusters}, {assigner.export_kind} model{signed}, "
+          f"provider {assigner.provider} ({PROVIDERS[assigner.provider]}){note}, {seconds:.3f} s; wrote {out}")
     return 0

@@ -9,6 +9,10 @@
 ``dcss fit``'s flags for the DCSS settings (``--m``, ``--T2-min-steps``, ...) are made from the declarations in
 :data:`dcss_plugin.config.OPTIONS`: one flag per option, with its type, allowed values and help, checked by the same
 declaration as ``DCSSConfig``. Benchmarks are scripts in ``benchmarks/``.
+
+Nothing is lost without asking: ``fit`` into a folder holding a run, and ``export``/``assign`` onto an existing file,
+are refused (exit 2) unless ``--overwrite`` (``fit --resume`` continues an interrupted run); an output never replaces
+one of the command's inputs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -33,6 +38,99 @@ class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
+RUN_MARKERS = ("checkpoint.pt", "labels.npy", "report.json", "progress.pt", "log.jsonl")  # any one: a run is here
+RUN_FILES = RUN_MARKERS + ("report.html", "samples.npz")  # everything `dcss fit` writes into --out
+OVERWRITE_DIR = ".dcss-overwrite"  # inside --out: where `dcss fit --overwrite` trains before replacing the old run
+
+
+def _check_out_path(out: str, flag: str = "--out") -> None:
+    """Refuse an output path below a file (``somefile.txt/run``): the first existing ancestor must be a folder."""
+    parent = os.path.dirname(os.path.abspath(out))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise CLIError(f"{flag} {out!r} lies below {parent!r}, which is a file, not a folder; "
+                       "give a path in an existing or new folder.")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (through symlinks, relative paths and hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: no input there to destroy
+        return False
+
+
+def _check_output_file(out: str, inputs: Dict[str, str], overwrite: bool) -> None:
+    """``export`` and ``assign``: the output is never one of the inputs, and an existing file only with --overwrite."""
+    _check_out_path(out)
+    for flag, path in inputs.items():
+        if path and _same_file(out, path):
+            raise CLIError(f"--out {out!r} is the same file as {flag} {path!r}; writing it would destroy the input. "
+                           "Give another --out.")
+    if os.path.isdir(out):
+        return  # the writer names a file to use instead
+    if os.path.lexists(out) and not overwrite:
+        raise CLIError(f"--out {out!r} already exists; nothing was written. Give another --out, or add --overwrite "
+                       "to replace it.")
+
+
+def _existing_run(out: str) -> List[str]:
+    """The files of an earlier run in ``out`` (empty: no run there)."""
+    return [name for name in RUN_MARKERS if os.path.lexists(os.path.join(out, name))]
+
+
+def _resume_point(progress: str) -> Optional[tuple]:
+    """``(phase, epoch)`` the interrupted run continues from (the progress file's next epoch), or None."""
+    import torch
+
+    from dcss_plugin.training.run import PHASES
+
+    try:
+        state = torch.load(progress, map_location="cpu", weights_only=True)
+        return PHASES.index(str(state["phase"])), int(state["epoch"])
+    except Exception:  # noqa: BLE001 - the fit itself refuses an unreadable progress file with a clear message
+        return None
+
+
+def _trim_log(log_path: str, point: Optional[tuple]) -> None:
+    """Keep the ``log.jsonl`` lines of epochs before the resume point, so resumed epochs are not logged twice."""
+    from dcss_plugin.io import atomic_write_bytes
+    from dcss_plugin.training.run import PHASES
+
+    if point is None or not os.path.exists(log_path):
+        return
+    kept = []
+    with open(log_path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+                key = (PHASES.index(rec["phase"]), int(rec["epoch"]))
+            except (ValueError, KeyError, TypeError):  # a line cut by the kill, or not ours
+                continue
+            if key < point:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_bytes(log_path, "".join(kept).encode("utf-8"))
+
+
+def _replace_run(work: str, out: str) -> None:
+    """``--overwrite``: move the new run's files from ``work`` into ``out``, then drop the old run's leftovers.
+
+    Files the old run did not write (the user's data, an exported ``.onnx``) stay; they are named on stderr.
+    """
+    new = set(os.listdir(work))
+    for name in sorted(new):
+        os.replace(os.path.join(work, name), os.path.join(out, name))
+    for name in RUN_FILES:
+        if name not in new and os.path.lexists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    os.rmdir(work)
+    others = sorted(n for n in os.listdir(out) if n not in RUN_FILES and not n.startswith("."))
+    if others:
+        print(f"dcss fit: note: kept files in {out} that dcss fit did not write: {', '.join(others)}",
+              file=sys.stderr)
+
+
 def _kmeans_baseline(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans
 
@@ -41,9 +139,7 @@ def _kmeans_baseline(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def _load_inputs(args: argparse.Namespace):
-    import torch
-
-    from dcss_plugin.data import load_array, load_named_dataset, validate_labels
+    from dcss_plugin.data import as_tensor, load_array, load_named_dataset, validate_labels
 
     if bool(args.dataset) == bool(args.data):
         raise CLIError("Give exactly one of --dataset NAME or --data FILE.")
@@ -53,7 +149,7 @@ def _load_inputs(args: argparse.Namespace):
         x, y = load_named_dataset(args.dataset, args.data_root)
         return x, y.numpy(), f"dataset:{args.dataset}"
     x_np = load_array(args.data)
-    x = torch.as_tensor(np.asarray(x_np, dtype=np.float32))
+    x, _ = as_tensor(x_np)  # refuses complex data, float32 overflow and values the cast would merge
     y = None
     if args.labels:
         y_arr = load_array(args.labels)
@@ -101,17 +197,73 @@ def _fit_rank(args: argparse.Namespace) -> None:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from dcss_plugin.distributed import init_from_environment, launch
-
     out = args.out
+    overwrite = bool(getattr(args, "overwrite", False))
+    if args.resume and overwrite:
+        raise CLIError("--resume continues the run in --out and --overwrite replaces it; give one of them.")
+    _check_out_path(out)
     if os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out!r} exists and is not a directory.")
-    os.makedirs(out, exist_ok=True)
+    _check_device(args.device)
+    found = _existing_run(out) if os.path.isdir(out) else []
+    if args.resume and "progress.pt" not in found:
+        raise CLIError(f"--resume: there is no interrupted run in {out!r} (no progress.pt); run without --resume.")
+    if found and not args.resume and not overwrite:
+        if "progress.pt" in found:
+            raise CLIError(f"--out {out!r} holds an interrupted run (progress.pt); nothing was changed. Continue it "
+                           "with --resume (same arguments), or start it again with --overwrite.")
+        raise CLIError(f"--out {out!r} already holds a run ({', '.join(found)}); nothing was changed. Choose another "
+                       "--out, or add --overwrite to replace that run.")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {out!r} cannot be created: {exc.strerror or exc}.") from None
     if not os.access(out, os.W_OK):
         raise CLIError(f"--out {out!r} is not writable.")
-    if args.resume and not os.path.exists(os.path.join(out, "progress.pt")):
-        raise CLIError(f"--resume: there is no interrupted run in {out!r} (no progress.pt); run without --resume.")
     x, y, source = _load_inputs(args)
+    # --overwrite trains into a fresh folder inside --out and moves the new files over the old run only once it has
+    # finished: input that fit() rejects, a crash or Ctrl-C mid-run leaves the old run whole (removing it first would
+    # lose it to any failure), and no file of the old run survives beside the new one.
+    lead = int(os.environ.get("RANK", "0") or 0) == 0  # torchrun: rank 0 alone writes the run folder
+    work = os.path.join(out, OVERWRITE_DIR) if overwrite else None
+    if work and lead:
+        shutil.rmtree(work, ignore_errors=True)  # left by an --overwrite run that was killed
+        os.makedirs(work)
+    args.work_dir = work
+    try:
+        rc = _fit_dispatch(args, x, y, source)
+        if work and lead:
+            _replace_run(work, out)
+            work = None
+        return rc
+    finally:
+        if work and lead:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_device(device: str) -> None:
+    """``--device``: a device this machine has, checked before any input is read."""
+    from dcss_plugin.distributed import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise CLIError(f"--device {device}: {exc}") from None
+    except RuntimeError:
+        raise CLIError(f"--device {device}: CUDA is not available on this machine (torch {_torch_version()}); use "
+                       "--device cpu, or --device auto to take CUDA where it exists.") from None
+
+
+def _torch_version() -> str:
+    import torch
+
+    return f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}"
+
+
+def _fit_dispatch(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], source: str) -> int:
+    """Run the fit in this process, as one torchrun rank, or in ``--devices N`` processes."""
+    from dcss_plugin.distributed import init_from_environment, launch
+
     devices = int(getattr(args, "devices", 1) or 1)
     if init_from_environment():  # started by torchrun: this process is one rank already
         if devices > 1:
@@ -146,7 +298,7 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
     from dcss_plugin.io import atomic_save_npy, atomic_write_json
     from dcss_plugin.metrics import evaluate
 
-    out = args.out
+    out = getattr(args, "work_dir", None) or args.out  # --overwrite: a fresh folder, moved over args.out at the end
     lead = rank() == 0
     xv = x.unsqueeze(1) if x.dim() == 3 else x
     overrides = config_overrides(args)
@@ -164,10 +316,13 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
     log_path = os.path.join(out, "log.jsonl")
     progress = os.path.join(out, "progress.pt")
     log_files: List[Any] = []  # opened at the first epoch, so input that fit() rejects leaves no file behind
+    resume_at = _resume_point(progress) if args.resume and lead else None
     t_start = time.perf_counter()
 
     def on_epoch(phase: str, epoch: int, stats: Dict[str, float]) -> None:
         if not log_files:
+            if args.resume:  # the resume was accepted: drop the lines of epochs that are now run again
+                _trim_log(log_path, resume_at)
             log_files.append(open(log_path, "a" if args.resume else "w", encoding="utf-8"))
         rec = {"phase": phase, "epoch": epoch, "elapsed_s": round(time.perf_counter() - t_start, 4), **stats}
         log_files[0].write(json.dumps(rec) + "\n")
@@ -186,6 +341,13 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
             model = fit_ssl(args, x, overrides, callback=on_epoch, checkpoint_path=progress, resume=args.resume)
         else:
             model.fit(x, callback=on_epoch, checkpoint_path=progress, resume=args.resume)
+    except ValueError as exc:
+        if log_files and ("contains NaN" in str(exc) or "contains infinity" in str(exc)):
+            # scikit-learn's advice ("impute your data") after training started: the input was checked finite, so
+            # the training itself diverged
+            raise CLIError("training diverged: the learned embeddings became NaN or inf (the input is finite). Use a "
+                           "smaller learning rate (--lr) or the preset's settings.") from None
+        raise
     finally:
         for fh in log_files:
             fh.close()
@@ -229,13 +391,13 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
             from dcss_plugin.app.report import write_report
 
             html = write_report(out)
-            print(f"dcss fit: report page {html}")
+            print(f"dcss fit: report page {os.path.join(args.out, os.path.basename(html))}")
         except Exception as exc:  # noqa: BLE001 - pictures are extras; the run's results are already saved
             log.warning("could not write the HTML report: %s", exc)
-            print(f"dcss fit: warning: HTML report not written ({exc}); run `dcss report {out}` to retry",
+            print(f"dcss fit: warning: HTML report not written ({exc}); run `dcss report {args.out}` to retry",
                   file=sys.stderr)
     print(f"dcss fit: {len(x)} samples, K={args.clusters}, seed={args.seed}, {fit_s:.1f} s on {h['device']}; "
-          f"wrote {out}/labels.npy, report.json, checkpoint.pt")
+          f"wrote {args.out}/labels.npy, report.json, checkpoint.pt")
     if y is not None:
         print(_table([("DCSS (this run)", report["metrics"]),
                       ("  after pretrain + k-means", report["metrics_after_pretrain_kmeans"]),
@@ -256,6 +418,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         from dcss_plugin.export.onnx import export_from_cli
     except ImportError as exc:
         raise CLIError(f"ONNX export is unavailable: {exc}") from exc
+    run = args.run_dir
+    checkpoint = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
+    _check_output_file(args.out, {"RUN_DIR": run, "its checkpoint": checkpoint,
+                                  "--sign-key": getattr(args, "sign_key", None)}, getattr(args, "overwrite", False))
     return export_from_cli(args)
 
 
@@ -264,6 +430,8 @@ def cmd_assign(args: argparse.Namespace) -> int:
         from dcss_plugin.export.runtime import assign_from_cli
     except ImportError as exc:
         raise CLIError(f"ONNX assignment is unavailable: {exc}") from exc
+    _check_output_file(args.out, {"MODEL": args.model, "--data": args.data,
+                                  "--verify-key": getattr(args, "verify_key", None)}, getattr(args, "overwrite", False))
     return assign_from_cli(args)
 
 
@@ -379,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", action="store_true",
                      help="continue an interrupted run in --out from its last saved epoch (saved about every 10 s and "
                           "at each phase start; same arguments)")
+    fit.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out as a whole (its files are replaced once the new run "
+                          "has finished; a failed or stopped run leaves the old one as it was)")
     add_option_flags(fit.add_argument_group("DCSS settings (not given: from the preset; see dcss_plugin.config)"))
     bb = fit.add_argument_group("timm backbone (images only; see dcss_plugin.adapters.timm)")
     bb.add_argument("--backbone", metavar="timm:NAME",
@@ -407,6 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--full", action="store_true", help="encoder + head (input x) instead of head only (input u)")
     exp.add_argument("--fp16", action="store_true")
     exp.add_argument("--out", required=True)
+    exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input file)")
+    exp.add_argument("--sign-key", metavar="KEY_FILE", default=None,
+                     help="sign the model with HMAC-SHA256 using this secret key file (at least 16 bytes); "
+                          "load it with `dcss assign --verify-key KEY_FILE`")
     exp.set_defaults(func=cmd_export)
 
     asg = sub.add_parser("assign", help="assign clusters with an exported ONNX model (onnxruntime)")
@@ -415,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     asg.add_argument("--out", required=True)
     asg.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     asg.add_argument("--batch-size", type=_positive_int, default=65536)
+    asg.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input file)")
+    asg.add_argument("--verify-key", metavar="KEY_FILE", default=None,
+                     help="refuse the model unless it is signed with this secret key file (dcss export --sign-key)")
     asg.set_defaults(func=cmd_assign)
     return parser
 
@@ -433,6 +611,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except ValueError as exc:
         print(f"dcss {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # permissions, a full disk, a path below a file: one line, not a traceback
+        where = f" ({exc.filename!r})" if exc.filename else ""
+        print(f"dcss {args.command}: error: {exc.strerror or exc}{where}; check the path, its permissions and the "
+              "free space.", file=sys.stderr)
         return 2
 
 

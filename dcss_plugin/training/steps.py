@@ -8,6 +8,7 @@ when several processes train. In one process ``Batches(xn, batch_size, generator
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from ..data import shuffled_batches
 from ..distributed import gather
+from ..errors import TrainingDivergedError
 from ..losses import CenteringLoss, DCSSLoss, PretrainLoss
 from .heads import HeadSelector
 from .neighbors import NeighborPositives
@@ -93,6 +95,13 @@ class Phase2Forward(nn.Module):
         return u, [head(u) for head in self.heads]
 
 
+def _finite(value: float, phase: str, batch: int, opt: torch.optim.Optimizer) -> float:
+    """``value`` (a loss already fetched with ``.item()``), or :class:`TrainingDivergedError` when it is NaN or inf."""
+    if not math.isfinite(value):
+        raise TrainingDivergedError(phase, batch, value, opt.param_groups[0].get("lr") if opt.param_groups else None)
+    return value
+
+
 def _step(opt: torch.optim.Optimizer, loss: Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -166,10 +175,10 @@ def pretrain_epoch(model: nn.Module, forward: nn.Module, loss_fn: PretrainLoss, 
     """One epoch of :func:`pretrain_step` and optimizer steps; returns the mean loss."""
     model.train()
     total = 0.0
-    for idx in batches.epoch():
+    for b, idx in enumerate(batches.epoch()):
         loss = pretrain_step(model, forward, loss_fn, batches, idx, neighbors)
         _step(opt, loss)
-        total += loss.item() * len(idx)
+        total += _finite(loss.item(), "pretraining", b, opt) * len(idx)
     return total / len(batches.xn)
 
 
@@ -179,10 +188,10 @@ def phase1_epoch(model: nn.Module, forward: nn.Module, loss_fn: CenteringLoss, o
     re-estimated in an eval-mode pass. Returns the mean loss."""
     model.train()
     total = 0.0
-    for idx in batches.epoch():
+    for b, idx in enumerate(batches.epoch()):
         loss = phase1_step(model, forward, loss_fn, batches, idx)
         _step(opt, loss)
-        total += loss.item() * len(idx)
+        total += _finite(loss.item(), "Phase 1", b, opt) * len(idx)
     if update:  # each rank adds its shard of the data; the update all-reduces
         update_centers(model, batches.shard(batches.xn))
     return total / len(batches.xn)
@@ -197,7 +206,7 @@ def phase2_epoch(model: nn.Module, forward: nn.Module, loss_fn: DCSSLoss, opt: t
     if selector is not None:
         selector.start_epoch()
     total, pos_total, n = 0.0, 0.0, len(batches.xn)
-    for idx in batches.epoch():
+    for i, idx in enumerate(batches.epoch()):
         loss, per_head, positive_share = phase2_step(model, forward, loss_fn, batches, idx, positives)
         b = len(idx)
         pos_total += positive_share.item() * b
@@ -205,7 +214,7 @@ def phase2_epoch(model: nn.Module, forward: nn.Module, loss_fn: DCSSLoss, opt: t
             if selector is not None:
                 selector.add(h, loss_h.item(), b)
         _step(opt, loss)
-        total += loss.item() / len(per_head) * b
+        total += _finite(loss.item(), "Phase 2", i, opt) / len(per_head) * b
     if selector is not None:
         selector.end_epoch(n)
     return {"loss": total / n, "positive_pair_share": pos_total / n}
