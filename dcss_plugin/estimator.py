@@ -10,7 +10,7 @@ import inspect
 import os
 import time
 from dataclasses import fields
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch

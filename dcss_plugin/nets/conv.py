@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
-from torch import Tensor, nn
+from torch import nn
 
 __all__ = ["ConvEncoder", "ConvDecoder", "conv_autoencoder"]
 

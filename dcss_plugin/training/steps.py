@@ -16,7 +16,6 @@ import torch
 from torch import Tensor, nn
 
 from ..data import shuffled_batches
-from ..distributed import gather
 from ..errors import TrainingDivergedError
 from ..losses import CenteringLoss, DCSSLoss, PretrainLoss
 from .heads import HeadSelector
