@@ -190,3 +190,16 @@ def test_refused_tensor_file_gives_no_weights_only_false_advice(tmp_path):
     with pytest.raises(DataError, match="Python object of type") as info:
         load_array(tmp_path / "obj.pt")
     assert "weights_only" not in str(info.value)
+
+
+def test_refused_checkpoint_gives_no_weights_only_false_advice(tmp_path):
+    """A checkpoint holding pickled objects is refused by DCSS.load / DCSSModel.load without torch's advice to retry
+    with weights_only=False (which would run the file's code)."""
+    from dcss_plugin import DCSS, DCSSModel
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "dcss-plugin/model-v1", "obj": Payload()}, path)
+    for load in (DCSS.load, DCSSModel.load):
+        with pytest.raises(ValueError, match="could not be read") as info:
+            load(path)
+        assert "weights_only=False" not in str(info.value)
