@@ -195,3 +195,14 @@ def test_batches_shard_the_global_batch_contiguously():
     assert b.shard(torch.arange(10)).tolist() == [4, 5, 6]
     assert b.local_share(10) == pytest.approx(3 * 3 / 10)
     assert sorted(torch.cat(b.epoch()).tolist()) == list(range(10))
+
+
+def test_passes_refuse_diverged_embeddings():
+    """NaN weights after the last step (finite loss) stop at the center passes with a message, not in k-means."""
+    model = _model()
+    with torch.no_grad():
+        model.encoder.layers[0].weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="diverged"):
+        init_centers(model, torch.randn(20, 6))
+    with pytest.raises(ValueError, match="diverged"):
+        update_centers(model, torch.randn(20, 6))

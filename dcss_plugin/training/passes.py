@@ -33,11 +33,18 @@ def encode_all(model: nn.Module, xn: Tensor, chunk: int = 4096) -> Tensor:
         encoder.train(was)
 
 
+def _check_finite(u: Tensor, what: str) -> Tensor:
+    if not bool(torch.isfinite(u).all()):
+        raise ValueError(f"The embeddings u hold NaN or inf before {what}: the encoder's weights diverged. Lower the "
+                         "learning rate (lr) and fit again.")
+    return u
+
+
 @torch.no_grad()
 def init_centers(model: nn.Module, xn: Tensor, seed: int = 0, metric: str = "euclidean") -> Tensor:
     """Set ``model.centers`` by k-means on ``u`` of all of ``xn`` (``metric="cosine"``: on ``u / ||u||``, for an
     encoder trained with a cosine loss); returns that ``u`` (N, d). Rank 0 computes, every rank receives."""
-    u = encode_all(model, xn)
+    u = _check_finite(encode_all(model, xn), "the k-means initialisation")
     model.centers.init_kmeans(u, seed=seed, metric=metric)
     return u
 
@@ -46,5 +53,5 @@ def init_centers(model: nn.Module, xn: Tensor, seed: int = 0, metric: str = "euc
 def update_centers(model: nn.Module, xn: Tensor) -> Tensor:
     """The paper's center update ``mu_k = sum_i p_ik^m u_i / sum_i p_ik^m`` over ``xn`` (this rank's rows; the
     statistics are all-reduced across ranks); returns the new centers (K, d). Call it every T1 Phase-1 epochs."""
-    model.centers.accumulate(encode_all(model, xn))
+    model.centers.accumulate(_check_finite(encode_all(model, xn), "the center update"))
     return model.centers.update()
