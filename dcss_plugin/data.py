@@ -10,7 +10,6 @@ import csv
 import io
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -21,7 +20,6 @@ __all__ = [
     "DataError",
     "data_fingerprint",
     "shuffled_batches",
-    "InputNormalizer",
     "as_tensor",
     "to_float32",
     "validate_features",
@@ -390,41 +388,6 @@ def load_named_dataset(name: str, data_root: Optional[str] = None) -> Tuple[Tens
             f"(root, download=True)) and run again."
         ) from exc
     return x, y
-
-
-@dataclass
-class InputNormalizer:
-    """``x_normalised = (x - offset) / scale``; images share one scalar scale, vectors are standardised per feature.
-
-    ``offset`` and ``scale`` have the sample shape (or broadcast to it) and are saved with the model and in the
-    ONNX metadata, so a service applies exactly what ``predict`` applies.
-    """
-
-    offset: Tensor
-    scale: Tensor
-    kind: str  # "image" or "vector"
-
-    @classmethod
-    def fit(cls, x: Tensor) -> "InputNormalizer":
-        if x.dim() == 2:
-            offset = x.mean(0)
-            scale = x.std(0, unbiased=False)
-            scale = torch.where(scale > 1e-8, scale, torch.ones_like(scale))
-            return cls(offset, scale, "vector")
-        lo, hi = float(x.min()), float(x.max())
-        offset = torch.full((1,) * (x.dim() - 1), min(lo, 0.0))
-        scale = torch.full((1,) * (x.dim() - 1), max(hi - min(lo, 0.0), 1e-8))
-        return cls(offset, scale, "image")
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return (x - self.offset.to(x.device, x.dtype)) / self.scale.to(x.device, x.dtype)
-
-    def state_dict(self) -> dict:
-        return {"offset": self.offset.clone(), "scale": self.scale.clone(), "kind": self.kind}
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> "InputNormalizer":
-        return cls(state["offset"], state["scale"], str(state["kind"]))
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> List[Tensor]:

@@ -242,8 +242,6 @@ class DCSSModel(nn.Module):
     def from_checkpoint(cls, state: Dict[str, Any], encoder: Optional[nn.Module] = None,
                         decoder: Optional[nn.Module] = None, source: str = "checkpoint") -> "DCSSModel":
         """Rebuild from a checkpoint dict (see :meth:`load`)."""
-        from .registry import build_networks
-
         if state.get("format") == _OLD_FORMAT:
             state = _from_old_checkpoint(state)
         try:
@@ -254,20 +252,27 @@ class DCSSModel(nn.Module):
                                  "of the same architecture as encoder= (and decoder=).")
             sd = state["state"]
             _check_config_against_tensors(cls, cfg, spec, sd, encoder, decoder)
-            if encoder is None:
-                encoder, built_decoder = build_networks(spec)
-                decoder = decoder if decoder is not None else (built_decoder if cfg.get("has_decoder") else None)
-            model = cls(encoder, int(cfg["n_clusters"]), int(cfg["latent_dim"]), decoder=decoder,
-                        normalize=Normalize(sd["normalize.offset"], sd["normalize.scale"])
-                        if "normalize.offset" in sd else None,
-                        m=float(cfg["m"]), num_heads=int(cfg["num_heads"]),
-                        head_hidden_dims=tuple(cfg["head_hidden_dims"]), spec=spec)
-            if decoder is None:
+            normalize = Normalize(sd["normalize.offset"], sd["normalize.scale"]) if "normalize.offset" in sd else None
+            model = _assemble(cls, cfg, spec, encoder, decoder, normalize)
+            if model.decoder is None:
                 sd = {k: v for k, v in sd.items() if not k.startswith("decoder.")}
             model.load_state_dict(sd)
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"{source!r} is not a usable DCSS model: {exc}") from exc
         return model
+
+
+def _assemble(cls: type, cfg: Dict[str, Any], spec: Dict[str, Any], encoder: Optional[nn.Module],
+              decoder: Optional[nn.Module], normalize: Optional[Normalize]) -> "DCSSModel":
+    """The model a checkpoint's config describes (networks rebuilt from ``spec`` unless given), untrained."""
+    from .registry import build_networks
+
+    if encoder is None:
+        encoder, built = build_networks(spec)
+        decoder = decoder if decoder is not None else (built if cfg.get("has_decoder") else None)
+    return cls(encoder, int(cfg["n_clusters"]), int(cfg["latent_dim"]), decoder=decoder, normalize=normalize,
+               m=float(cfg["m"]), num_heads=int(cfg["num_heads"]), head_hidden_dims=tuple(cfg["head_hidden_dims"]),
+               spec=spec)
 
 
 def _check_config_against_tensors(cls: type, cfg: Dict[str, Any], spec: Dict[str, Any], sd: Dict[str, Any],
@@ -276,8 +281,6 @@ def _check_config_against_tensors(cls: type, cfg: Dict[str, Any], spec: Dict[str
     damaged file (e.g. ``hidden_dims=[20000, 20000]`` beside small tensors) must not make the loader allocate
     gigabytes. The model the config describes is built on the ``meta`` device (shapes only, no memory) and its
     parameter shapes are compared with the file's; a builder that cannot run on ``meta`` is only bounded by size."""
-    from .registry import build_networks
-
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError("its 'state' is not a dict of tensors.")
     limit = len(sd) + 8  # a network has at most about one saved tensor per configured layer or head
@@ -293,13 +296,7 @@ def _check_config_against_tensors(cls: type, cfg: Dict[str, Any], spec: Dict[str
     try:
         identity = Normalize()
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            enc, dec = encoder, decoder
-            if enc is None:
-                enc, built = build_networks(spec)
-                dec = dec if dec is not None else (built if cfg.get("has_decoder") else None)
-            meta = cls(enc, int(cfg["n_clusters"]), int(cfg["latent_dim"]), decoder=dec, normalize=identity,
-                       m=float(cfg["m"]), num_heads=int(cfg["num_heads"]),
-                       head_hidden_dims=tuple(cfg["head_hidden_dims"]), spec=spec)
+            meta = _assemble(cls, cfg, spec, encoder, decoder, identity)
         expected = {k: tuple(v.shape) for k, v in meta.state_dict().items() if not k.startswith("normalize.")}
     except Exception:  # noqa: BLE001 - a builder that needs real tensors: the real build and strict load check it
         return

@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from dcss_plugin import __version__
 from dcss_plugin.estimator import DCSS
 from dcss_plugin.io import atomic_write_bytes
+from dcss_plugin.data import as_tensor
 from dcss_plugin.model import DCSSModel, Normalize
 
 __all__ = [
@@ -546,12 +547,6 @@ def _training_data(run_dir: Optional[str]) -> Tuple[Optional[Tensor], str]:
     return None, ""
 
 
-def _as_tensor(data: Any) -> Tensor:
-    if isinstance(data, Tensor):
-        return data.detach().to("cpu", torch.float32)
-    return torch.as_tensor(np.asarray(data, dtype=np.float32))
-
-
 def _reference_outputs(ref: DCSSModel, full: bool, shape: Optional[Tuple[int, ...]], x: Optional[Tensor] = None,
                        u: Optional[Tensor] = None, chunk: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
     """The graph input (``x`` for a full export, ``u = encode(x)`` for a head export) and PyTorch's ``q``."""
@@ -632,7 +627,7 @@ def _verify(src: ExportSource, data: bytes, shape: Optional[Tuple[int, ...]], fu
     """
     ref = _reference(src.model)
     limit = 200_000 if fp16 else 4096
-    x, source = (_as_tensor(check_data), "check_data") if check_data is not None else (None, "")
+    x, source = (as_tensor(check_data)[0], "check_data") if check_data is not None else (None, "")
     if x is None and fp16:
         x, source = _training_data(src.run_dir)
     if x is not None:

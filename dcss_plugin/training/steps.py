@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import shuffled_batches
+from ..distributed import shard_bounds
 from ..errors import TrainingDivergedError
 from ..losses import CenteringLoss, DCSSLoss, PretrainLoss
 from .heads import HeadSelector
@@ -53,14 +54,13 @@ class Batches:
 
     def shard(self, batch: Tensor) -> Tensor:
         """This rank's contiguous share of a global batch (all of it in one process)."""
-        n = len(batch)
-        base, extra = divmod(n, self.world_size)
-        lo = self.rank * base + min(self.rank, extra)
-        return batch[lo:lo + base + (1 if self.rank < extra else 0)]
+        lo, hi = shard_bounds(len(batch), self.world_size, self.rank)
+        return batch[lo:hi]
 
     def local_share(self, rows: int) -> float:
         """world size x this rank's share of a global batch of ``rows`` (1 in one process)."""
-        return self.world_size * len(self.shard(torch.empty(rows, 0))) / rows
+        lo, hi = shard_bounds(rows, self.world_size, self.rank)
+        return self.world_size * (hi - lo) / rows
 
     def view(self, batch: Tensor) -> Tensor:
         """A random view of ``batch`` (on the device), or the batch itself without augmentation."""
