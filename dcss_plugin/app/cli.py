@@ -80,25 +80,14 @@ def _existing_run(out: str) -> List[str]:
     return [name for name in RUN_MARKERS if os.path.lexists(os.path.join(out, name))]
 
 
-def _resume_point(progress: str) -> Optional[tuple]:
-    """``(phase, epoch)`` the interrupted run continues from (the progress file's next epoch), or None."""
-    import torch
-
-    from dcss_plugin.training.run import PHASES
-
-    try:
-        state = torch.load(progress, map_location="cpu", weights_only=True)
-        return PHASES.index(str(state["phase"])), int(state["epoch"])
-    except Exception:  # noqa: BLE001 - the fit itself refuses an unreadable progress file with a clear message
-        return None
-
-
-def _trim_log(log_path: str, point: Optional[tuple]) -> None:
-    """Keep the ``log.jsonl`` lines of epochs before the resume point, so resumed epochs are not logged twice."""
+def _trim_log(log_path: str, phase: str, epoch: int) -> None:
+    """Keep the ``log.jsonl`` lines of epochs before ``(phase, epoch)``, the first epoch a resumed run reports, so
+    resumed epochs are not logged twice."""
     from dcss_plugin.io import atomic_write_bytes
     from dcss_plugin.training.run import PHASES
 
-    if point is None or not os.path.exists(log_path):
+    point = (PHASES.index(phase), int(epoch))
+    if not os.path.exists(log_path):
         return
     kept = []
     with open(log_path, encoding="utf-8") as fh:
@@ -316,13 +305,12 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
     log_path = os.path.join(out, "log.jsonl")
     progress = os.path.join(out, "progress.pt")
     log_files: List[Any] = []  # opened at the first epoch, so input that fit() rejects leaves no file behind
-    resume_at = _resume_point(progress) if args.resume and lead else None
     t_start = time.perf_counter()
 
     def on_epoch(phase: str, epoch: int, stats: Dict[str, float]) -> None:
         if not log_files:
             if args.resume:  # the resume was accepted: drop the lines of epochs that are now run again
-                _trim_log(log_path, resume_at)
+                _trim_log(log_path, phase, epoch)
             log_files.append(open(log_path, "a" if args.resume else "w", encoding="utf-8"))
         rec = {"phase": phase, "epoch": epoch, "elapsed_s": round(time.perf_counter() - t_start, 4), **stats}
         log_files[0].write(json.dumps(rec) + "\n")
