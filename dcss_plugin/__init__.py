@@ -12,28 +12,34 @@ Adapters (timm, Lightly) and ONNX export live in ``dcss_plugin.adapters`` and ``
 
 __version__ = "0.2.0"
 
-from .centers import ClusterCenters
-from .config import DCSSConfig
-from .data import DataError
-from .estimator import DCSS
-from .functional import (
-    balance_penalty,
-    center_statistics,
-    centering_loss,
-    centers_from_statistics,
-    fuzzy_memberships,
-    known_positive_loss,
-    neighbor_embedding_loss,
-    pairwise_similarity,
-    pairwise_similarity_loss,
-    squared_distances,
-    view_contrastive_loss,
-)
-from .heads import DCSSHead
-from .losses import CenteringLoss, DCSSLoss, PairwiseSimilarityLoss, PretrainLoss
-from .metrics import cluster_accuracy, evaluate
-from .model import DCSSModel, Normalize
-from .registry import register_network_kind
+# Names are imported on first use (PEP 562), so that ``import dcss_plugin`` and the torch-free parts
+# (``dcss_plugin.export.runtime``, the ``dcss`` command's option parsing) do not load torch.
+_EXPORTS = {
+    "ClusterCenters": "centers", "DCSSConfig": "config", "DataError": "data", "DCSS": "estimator",
+    "DCSSHead": "heads", "CenteringLoss": "losses", "DCSSLoss": "losses", "PairwiseSimilarityLoss": "losses",
+    "PretrainLoss": "losses", "cluster_accuracy": "metrics", "evaluate": "metrics", "DCSSModel": "model",
+    "Normalize": "model", "register_network_kind": "registry",
+    **{name: "functional" for name in (
+        "balance_penalty", "center_statistics", "centering_loss", "centers_from_statistics", "fuzzy_memberships",
+        "known_positive_loss", "neighbor_embedding_loss", "pairwise_similarity", "pairwise_similarity_loss",
+        "squared_distances", "view_contrastive_loss")},
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dcss_plugin' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "__version__",

@@ -343,7 +343,9 @@ def load_named_dataset(name: str, data_root: Optional[str] = None) -> Tuple[Tens
     """``(x, y)`` of a named dataset: ``digits`` (embedded in scikit-learn, 1797 8x8 images) or a torchvision
     dataset (MNIST, Fashion-MNIST, USPS, CIFAR-10, STL-10; train and test splits joined) read from ``data_root``.
 
-    Nothing is downloaded: the files must already be in ``data_root`` in torchvision's layout.
+    Nothing is downloaded: the files must already be in ``data_root`` in torchvision's layout; MNIST and
+    Fashion-MNIST are also read from their four IDX files (``train-images-idx3-ubyte[.gz]``, ...) directly in
+    ``data_root`` (:mod:`dcss_plugin.idx`). Pixels keep their stored scale (0..255).
     """
     key = name.lower().replace("_", "-")
     if key == "digits":
@@ -358,17 +360,18 @@ def load_named_dataset(name: str, data_root: Optional[str] = None) -> Tuple[Tens
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise DataError(f"Unknown dataset {name!r}; known: {', '.join(NAMED_DATASETS)}.{hint}")
     if not data_root:
-        raise DataError(f"Dataset {name!r} is read from local files: pass --data-root DIR (torchvision layout).")
+        raise DataError(f"Dataset {name!r} is read from local files: pass --data-root DIR (torchvision layout"
+                        f"{'; or the four IDX files directly in DIR' if key in ('mnist', 'fashion-mnist') else ''}).")
+    root = os.path.expanduser(data_root)
+    if key in ("mnist", "fashion-mnist"):  # IDX files in DIR or DIR/MNIST/raw, read without torchvision
+        from .idx import load_idx_pair
+
+        x_np, y_np = load_idx_pair(root, key)
+        return torch.as_tensor(x_np).float(), torch.as_tensor(y_np)
     import torchvision.datasets as tvd
 
-    root = os.path.expanduser(data_root)
     try:
-        if key in ("mnist", "fashion-mnist"):
-            cls = tvd.MNIST if key == "mnist" else tvd.FashionMNIST
-            parts = [cls(root, train=t, download=False) for t in (True, False)]
-            x = torch.cat([p.data for p in parts]).float().unsqueeze(1)
-            y = torch.cat([torch.as_tensor(p.targets) for p in parts]).long()
-        elif key == "usps":
+        if key == "usps":
             parts = [tvd.USPS(root, train=t, download=False) for t in (True, False)]
             x = torch.cat([torch.as_tensor(np.asarray(p.data)) for p in parts]).float().unsqueeze(1)
             y = torch.cat([torch.as_tensor(p.targets) for p in parts]).long()

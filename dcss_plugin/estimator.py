@@ -27,6 +27,7 @@ from .training import (AutoencoderForward, Batches, HeadSelector, NeighborPositi
                        init_centers, mine_neighbors, phase1_epoch, phase2_epoch, phase_optimizer, pretrain_epoch)
 from .training.passes import encode_all
 from .training.run import TrainingRun
+from .training.threads import choose_threads, intra_op_threads
 
 __all__ = ["DCSS"]
 
@@ -55,6 +56,8 @@ class DCSS(ClusterMixin, BaseEstimator):
         decoder: with ``encoder``, the module ``u -> x_hat`` (same shape as the input).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         verbose: show progress bars.
+        threads: CPU threads while fitting; None chooses from the work (one for small steps, all cores for large
+            ones: :mod:`dcss_plugin.training.threads`). Ignored on CUDA.
         **options: any :class:`~dcss_plugin.config.DCSSConfig` option (``m``, ``lam``, ``zeta``, ``gamma``, ``T1``,
             ``T2``, epochs per phase, ``batch_size``, ``lr``, ``seed``, ...): each is a parameter of its own
             (``get_params``/``set_params``/``clone`` see them); None takes the preset's value.
@@ -75,7 +78,7 @@ class DCSS(ClusterMixin, BaseEstimator):
 
     def __init__(self, n_clusters: int = 10, preset: str = "default", *, encoder: Optional[nn.Module] = None,
                  decoder: Optional[nn.Module] = None, device: str = "auto", verbose: bool = True,
-                 **options: Any) -> None:
+                 threads: Optional[int] = None, **options: Any) -> None:
         unknown = sorted(set(options) - set(_OPTION_NAMES))
         if unknown:
             raise TypeError(f"DCSS got unknown option(s) {unknown}; the options are: {', '.join(_OPTION_NAMES)}.")
@@ -85,6 +88,7 @@ class DCSS(ClusterMixin, BaseEstimator):
         self.decoder = decoder
         self.device = device
         self.verbose = verbose
+        self.threads = threads
         for f in _OPTIONS:
             setattr(self, f.name, options.get(f.name, DCSSConfig.__dataclass_fields__[f.name].default))
 
@@ -140,6 +144,9 @@ class DCSS(ClusterMixin, BaseEstimator):
         ``dcss fit --devices N``) with the same ``X``; each global batch is cut into one shard per rank, the pair,
         balance and contrastive terms see the whole global batch, and rank 0 reports and writes ``checkpoint_path``.
         """
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise TypeError(f"threads must be None (chosen from the work) or an int >= 1, got {self.threads!r}.")
         cfg = self._config()
         dev = resolve_device(self.device)
         x = self._samples(X)
@@ -160,18 +167,32 @@ class DCSS(ClusterMixin, BaseEstimator):
         augment = default_augmentation(xn[0], xn.flatten(1).std(0) if xn.dim() == 2 else None).to(dev) \
             if cfg.augment else None
         batches = Batches(xn, cfg.batch_size, run.generator, dev, augment, world_size(), rank())
+        threads = self._threads(model, batches, cfg)
+        run.history["threads"] = threads or torch.get_num_threads()
         run.restore(model)
-        if run.todo("pretrain"):
-            self._pretrain(model, batches, cfg, run)
-            self._init_centers(model, batches, cfg, run)
-        if run.todo("phase1"):
-            self._phase1(model, batches, cfg, run)
-        self._phase2(model, batches, cfg, run, schedule.u_stage)
+        with intra_op_threads(threads):
+            if run.todo("pretrain"):
+                self._pretrain(model, batches, cfg, run)
+                self._init_centers(model, batches, cfg, run)
+            if run.todo("phase1"):
+                self._phase1(model, batches, cfg, run)
+            self._phase2(model, batches, cfg, run, schedule.u_stage)
         broadcast_buffers(model)
         self.model_, self.config_, self.input_shape_ = model, cfg, tuple(x.shape[1:])
         self.history_ = run.finish()
         self.labels_ = self.predict(x)
         return self
+
+    def _threads(self, model: DCSSModel, batches: Batches, cfg: DCSSConfig) -> Optional[int]:
+        """The intra-op thread count of this fit (None on CUDA: torch's setting stays)."""
+        if batches.device.type != "cpu":
+            return None
+        if self.threads is not None:
+            return int(self.threads)
+        paired = cfg.contrastive_weight > 0 or cfg.neighbor_embedding_weight > 0
+        rows = batches.xn[: cfg.batch_size]
+        rows = torch.cat([rows, rows]) if paired else rows
+        return choose_threads(AutoencoderForward(model.encoder, model.decoder), rows, world_size())
 
     def _build_model(self, cfg: DCSSConfig, x: Tensor) -> DCSSModel:
         """The reference autoencoder for the data (or the user's encoder/decoder), centers and heads."""

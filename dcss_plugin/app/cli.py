@@ -29,6 +29,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+if "torch" not in sys.modules:  # before torch's OpenMP starts: idle threads sleep instead of spinning, so a fit
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # on a CPU shared with other work keeps its speed
+
 from dcss_plugin.config import OPTIONS, Option, describe_default, get_option
 
 log = logging.getLogger("dcss_plugin")
@@ -301,7 +304,7 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
             if getattr(args, flag, None):
                 raise CLIError(f"--{flag.replace('_', '-')} goes with --backbone timm:NAME.")
         model = DCSS(n_clusters=args.clusters, preset=args.preset, device=args.device, verbose=not args.quiet,
-                     seed=args.seed, **overrides)
+                     threads=args.threads, seed=args.seed, **overrides)
     log_path = os.path.join(out, "log.jsonl")
     progress = os.path.join(out, "progress.pt")
     log_files: List[Any] = []  # opened at the first epoch, so input that fit() rejects leaves no file behind
@@ -516,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dataset", help="digits (embedded) | mnist | fashion-mnist | usps | cifar10 | stl10")
     src.add_argument("--data", help="samples as .npy, .csv or .pt: (N, F) vectors or (N, [C,] H, W) images")
     src.add_argument("--labels", help="optional ground truth (.npy/.csv/.pt), used only for reported metrics")
-    src.add_argument("--data-root", help="folder with torchvision dataset files (nothing is downloaded)")
+    src.add_argument("--data-root", help="folder with the dataset's files: torchvision's layout, or for mnist / "
+                     "fashion-mnist the four IDX files directly (nothing is downloaded)")
     fit.add_argument("--clusters", "-k", type=option_parser(get_option("n_clusters")), required=True, metavar="K",
                      help=f"{get_option('n_clusters').help}, {get_option('n_clusters').expected()}")
     fit.add_argument("--seed", type=option_parser(get_option("seed")), default=get_option("seed").default,
@@ -525,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--preset", type=option_parser(get_option("preset")), default=get_option("preset").default,
                      metavar=_metavar(get_option("preset")), help=_option_help(get_option("preset")))
     fit.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    fit.add_argument("--threads", type=_positive_int, default=None,
+                     help="CPU threads while training (default: one for small steps, all cores for large ones)")
     fit.add_argument("--devices", type=_positive_int, default=1,
                      help="processes for data-parallel training (DDP; gloo on CPU, NCCL with one GPU each); "
                           "under torchrun leave it out")
