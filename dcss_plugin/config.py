@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["Option", "OPTIONS", "PRESETS", "REMOVED_OPTIONS", "DCSSConfig", "get_option", "preset_values",
+__all__ = ["Option", "OPTIONS", "PRESETS", "REMOVED_OPTIONS", "LARGE_IMAGE_SET", "DCSSConfig", "get_option",
+           "preset_values", "data_kind",
            "describe_default", "config_signature"]
 
 
@@ -178,8 +179,12 @@ def _fmt(v: Any) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
-# The values of the None-valued options, per preset; a preset whose values differ between images (N, C, H, W)
-# and vectors (N, F) holds {"images": {...}, "vectors": {...}}. ``kmeans_init`` is derived afterwards (see
+# Image sets of at least this many samples take the default preset's "images_large" values: an MLP trained with
+# the neighbour-embedding term instead of the conv net with NT-Xent (docs/decisions.md, "Large image sets").
+LARGE_IMAGE_SET = 4000
+
+# The values of the None-valued options (and of autoencoder="auto"), per preset; a preset whose values differ
+# between images (N, C, H, W) and vectors (N, F) holds {"images": {...}, "images_large": {...}, "vectors": {...}}. ``kmeans_init`` is derived afterwards (see
 # DCSSConfig.resolved); the epoch counts come from a step budget at fit time.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {
@@ -187,19 +192,29 @@ PRESETS: Dict[str, Dict[str, Any]] = {
             "m": 1.2, "augment": True, "neighbors": 5, "T2_min_steps": 0, "balance_weight": 5.0,
             "balance_tolerance": 0.0, "exclude_self": True, "pair_reduction": "balanced", "contrastive_weight": 1.0,
             "neighbor_refresh": 50, "phase2_encoder_lr_factor": 0.1, "num_heads": 3,
-            "neighbor_embedding_weight": 0.0,
+            "neighbor_embedding_weight": 0.0, "autoencoder": "conv", "mlp_hidden_dims": (500, 500, 2000),
+            "lr": 1e-3, "pretrain_min_epochs": 10,
+        },
+        "images_large": {
+            "m": 1.2, "augment": True, "neighbors": 5, "T2_min_steps": 0, "balance_weight": 5.0,
+            "balance_tolerance": 0.0, "exclude_self": True, "pair_reduction": "balanced", "contrastive_weight": 0.0,
+            "neighbor_refresh": 50, "phase2_encoder_lr_factor": 0.1, "num_heads": 1,
+            "neighbor_embedding_weight": 1.0, "autoencoder": "mlp", "mlp_hidden_dims": (256, 256, 1024),
+            "lr": 3e-3, "pretrain_min_epochs": 20,
         },
         "vectors": {
             "m": 1.2, "augment": True, "neighbors": 5, "T2_min_steps": 400, "balance_weight": 5.0,
             "balance_tolerance": "phase1", "exclude_self": True, "pair_reduction": "balanced",
             "contrastive_weight": 0.0, "neighbor_refresh": 50, "phase2_encoder_lr_factor": 0.1, "num_heads": 1,
-            "neighbor_embedding_weight": 1.0,
+            "neighbor_embedding_weight": 1.0, "autoencoder": "mlp", "mlp_hidden_dims": (500, 500, 2000),
+            "lr": 1e-3, "pretrain_min_epochs": 10,
         },
     },
     "paper": {
         "m": 1.5, "augment": False, "neighbors": 0, "T2_min_steps": 0, "balance_weight": 0.0,
         "balance_tolerance": 0.0, "exclude_self": False, "pair_reduction": "mean", "contrastive_weight": 0.0,
         "neighbor_refresh": 0, "phase2_encoder_lr_factor": 1.0, "num_heads": 1, "neighbor_embedding_weight": 0.0,
+        "autoencoder": "mlp", "mlp_hidden_dims": (500, 500, 2000), "lr": 1e-3, "pretrain_min_epochs": 10,
     },
 }
 
@@ -219,17 +234,21 @@ OPTIONS: Tuple[Option, ...] = (
            "T2 on small data; at most half of Phase 2)", low=0, allow_none=True),
     Option("pretrain_epochs", int, None, "the number of pretraining epochs (None: from a step budget)", low=0,
            allow_none=True),
+    Option("pretrain_min_epochs", int, None, "the fewest pretraining epochs when pretrain_epochs comes from the step "
+           "budget", low=1, allow_none=True),
     Option("phase1_epochs", int, None, "the number of Phase-1 epochs (None: from a step budget)", low=0,
            allow_none=True),
     Option("phase2_epochs", int, None, "the number of Phase-2 epochs (None: from a step budget)", low=0,
            allow_none=True),
     Option("batch_size", int, 256, "the number of samples per batch (pairs are formed within a batch)", low=2),
-    Option("lr", float, 1e-3, "the Adam learning rate of pretraining and Phase 2", low=0, low_open=True),
+    Option("lr", float, None, "the Adam learning rate of pretraining and Phase 2", low=0, low_open=True,
+           allow_none=True),
     Option("phase1_lr_factor", float, 0.1, "the Phase-1 learning rate relative to lr", low=0, low_open=True),
-    Option("autoencoder", str, "auto", "the reference autoencoder: 'auto' (conv for images under the default "
-           "preset, MLP otherwise), 'mlp' or 'conv'", choices=("auto", "mlp", "conv")),
-    Option("mlp_hidden_dims", tuple, (500, 500, 2000), "the hidden widths of the MLP encoder (the decoder mirrors "
-           "them)", low=1),
+    Option("autoencoder", str, "auto", "the reference autoencoder: 'auto' (from the preset: conv for images of "
+           f"fewer than {LARGE_IMAGE_SET} samples under the default preset, MLP otherwise), 'mlp' or 'conv'",
+           choices=("auto", "mlp", "conv")),
+    Option("mlp_hidden_dims", tuple, None, "the hidden widths of the MLP encoder (the decoder mirrors them)", low=1,
+           allow_none=True),
     Option("head_hidden_dims", tuple, (128, 128), "the hidden widths of the MNet head", low=1),
     Option("augment", bool, None, "whether to make augmented views in pretraining and Phase 2", allow_none=True),
     Option("neighbors", int, None, "k of the nearest-neighbour positive pairs in Phase 2 (0: none)", low=0,
@@ -284,17 +303,27 @@ def get_option(name: str) -> Option:
         raise KeyError(f"no DCSS option {name!r}; known: {sorted(_BY_NAME)}") from None
 
 
-def preset_values(preset: str, images: bool) -> Dict[str, Any]:
-    """The values ``preset`` gives the None-valued options, for images or for vectors (a new dict).
+def data_kind(images: bool, n_samples: Optional[int] = None) -> str:
+    """``"vectors"``, ``"images"`` or ``"images_large"`` (images, at least :data:`LARGE_IMAGE_SET` samples)."""
+    if not images:
+        return "vectors"
+    return "images_large" if n_samples is not None and n_samples >= LARGE_IMAGE_SET else "images"
+
+
+def preset_values(preset: str, images: bool, n_samples: Optional[int] = None) -> Dict[str, Any]:
+    """The values ``preset`` gives the None-valued options, for vectors or images (of ``n_samples``; None: a small
+    set), as a new dict.
 
     Example:
         >>> preset_values("default", images=False)["balance_tolerance"]
         'phase1'
+        >>> preset_values("default", images=True, n_samples=70000)["autoencoder"]
+        'mlp'
     """
     get_option("preset").check(preset)
     values = PRESETS[preset]
     if "images" in values:
-        values = values["images" if images else "vectors"]
+        values = values[data_kind(images, n_samples)]
     return dict(values)
 
 
@@ -304,13 +333,17 @@ def describe_default(option: Option) -> str:
         return f"default {_value_text(option.default)}"
     parts = []
     for name in PRESETS:
-        images, vectors = (preset_values(name, i).get(option.name) for i in (True, False))
-        if images is None and vectors is None:
+        small, large, vectors = (preset_values(name, i, n).get(option.name)
+                                 for i, n in ((True, None), (True, LARGE_IMAGE_SET), (False, None)))
+        if small is None and vectors is None:
             continue
-        if images == vectors:
-            parts.append(f"{name} preset {_value_text(images)}")
+        if small == large == vectors:
+            parts.append(f"{name} preset {_value_text(small)}")
+        elif small == large:
+            parts.append(f"{name} preset {_value_text(small)} for images, {_value_text(vectors)} for vectors")
         else:
-            parts.append(f"{name} preset {_value_text(images)} for images, {_value_text(vectors)} for vectors")
+            parts.append(f"{name} preset {_value_text(small)} for images of fewer than {LARGE_IMAGE_SET} samples, "
+                         f"{_value_text(large)} for more, {_value_text(vectors)} for vectors")
     return "; ".join(parts)
 
 
@@ -349,16 +382,16 @@ class _ConfigMethods:
                              f"apart), got gamma={gamma}, zeta={zeta}; lower gamma or raise zeta.")
         return self  # type: ignore[return-value]
 
-    def resolved(self, images: bool = True) -> "DCSSConfig":
-        """A copy with every preset-dependent ``None`` filled in.
+    def resolved(self, images: bool = True, n_samples: Optional[int] = None) -> "DCSSConfig":
+        """A copy with every preset-dependent ``None`` (and ``autoencoder="auto"``) filled in.
 
-        ``images``: whether the samples are images (N, C, H, W); the default preset differs between images and
-        vectors (:data:`PRESETS`). ``kmeans_init`` is resolved last: ``"cosine"`` when ``contrastive_weight > 0``
+        ``images``: whether the samples are images (N, C, H, W); ``n_samples``: how many (None: a small set). The
+        default preset differs between small image sets, large ones and vectors (:data:`PRESETS`). ``kmeans_init`` is resolved last: ``"cosine"`` when ``contrastive_weight > 0``
         (that term shapes only the directions of ``u``), else ``"euclidean"``. The epoch counts stay ``None``.
         """
         values = {o.name: getattr(self, o.name) for o in OPTIONS}
-        for key, value in preset_values(values["preset"], images).items():
-            if values[key] is None:
+        for key, value in preset_values(values["preset"], images, n_samples).items():
+            if values[key] is None or (key == "autoencoder" and values[key] == "auto"):
                 values[key] = value
         if values["kmeans_init"] is None:
             values["kmeans_init"] = "cosine" if values["contrastive_weight"] > 0 else "euclidean"

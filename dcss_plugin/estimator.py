@@ -151,9 +151,10 @@ class DCSS(ClusterMixin, BaseEstimator):
         dev = resolve_device(self.device)
         x = self._samples(X)
         validate_features(x, cfg.n_clusters)
-        cfg = cfg.resolved(images=x.dim() == 4)
+        cfg = cfg.resolved(images=x.dim() == 4, n_samples=len(x))
         schedule = Schedule.for_data(len(x), cfg.batch_size, cfg.T1, cfg.T2, cfg.T2_min_steps,
-                                     cfg.pretrain_epochs, cfg.phase1_epochs, cfg.phase2_epochs)
+                                     cfg.pretrain_epochs, cfg.phase1_epochs, cfg.phase2_epochs,
+                                     cfg.pretrain_min_epochs)
         run = TrainingRun(cfg.to_dict(), data_fingerprint(x) if checkpoint_path is not None else None,
                           schedule.epochs(), cfg.seed, checkpoint_path, resume, checkpoint_every_s, callback,
                           bool(self.verbose), lead=rank() == 0,
@@ -201,7 +202,7 @@ class DCSS(ClusterMixin, BaseEstimator):
             enc, dec = self.encoder, self.decoder
             spec: Dict[str, Any] = dict(getattr(enc, "model_spec", None)  # an adapter's networks name their kind
                                         or DCSSModel.default_spec(enc, dec))
-        elif cfg.autoencoder == "conv" or (cfg.autoencoder == "auto" and len(shape) == 3 and cfg.preset != "paper"):
+        elif cfg.autoencoder == "conv":
             if len(shape) != 3:
                 raise DataError(f"autoencoder='conv' needs images (N, C, H, W); got samples of shape {shape}.")
             enc, dec = conv_autoencoder(shape, cfg.latent_dim, cfg.conv_channels)

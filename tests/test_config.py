@@ -11,10 +11,10 @@ import pytest
 
 from dcss_plugin.app.cli import build_parser, config_overrides, main
 from dcss_plugin.config import (OPTIONS, PRESETS, REMOVED_OPTIONS, DCSSConfig, config_signature, get_option,
-                                preset_values)
+                                preset_values, LARGE_IMAGE_SET)
 
 FIELDS = ["n_clusters", "preset", "latent_dim", "m", "lam", "zeta", "gamma", "T1", "T2", "T2_min_steps",
-          "pretrain_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "lr", "phase1_lr_factor", "autoencoder",
+          "pretrain_epochs", "pretrain_min_epochs", "phase1_epochs", "phase2_epochs", "batch_size", "lr", "phase1_lr_factor", "autoencoder",
           "mlp_hidden_dims", "head_hidden_dims", "augment", "neighbors", "balance_weight", "balance_tolerance",
           "exclude_self", "pair_reduction", "neighbor_refresh", "num_heads", "contrastive_weight",
           "neighbor_embedding_weight", "neighbor_embedding_k", "kmeans_init", "conv_channels",
@@ -22,9 +22,9 @@ FIELDS = ["n_clusters", "preset", "latent_dim", "m", "lam", "zeta", "gamma", "T1
 
 # Today's defaults, written out (None: from the preset).
 DEFAULTS = {"n_clusters": 10, "preset": "default", "latent_dim": 10, "m": None, "lam": 0.1, "zeta": 0.8, "gamma": 0.2,
-            "T1": 2, "T2": 5, "T2_min_steps": None, "pretrain_epochs": None, "phase1_epochs": None,
-            "phase2_epochs": None, "batch_size": 256, "lr": 1e-3, "phase1_lr_factor": 0.1, "autoencoder": "auto",
-            "mlp_hidden_dims": [500, 500, 2000], "head_hidden_dims": [128, 128], "augment": None, "neighbors": None,
+            "T1": 2, "T2": 5, "T2_min_steps": None, "pretrain_epochs": None, "pretrain_min_epochs": None, "phase1_epochs": None,
+            "phase2_epochs": None, "batch_size": 256, "lr": None, "phase1_lr_factor": 0.1, "autoencoder": "auto",
+            "mlp_hidden_dims": None, "head_hidden_dims": [128, 128], "augment": None, "neighbors": None,
             "balance_weight": None, "balance_tolerance": None, "exclude_self": None, "pair_reduction": None,
             "neighbor_refresh": None, "num_heads": None, "contrastive_weight": None,
             "neighbor_embedding_weight": None, "neighbor_embedding_k": 10, "kmeans_init": None,
@@ -36,22 +36,26 @@ RESOLVED = {
         "m": 1.2, "augment": True, "neighbors": 5, "T2_min_steps": 0, "balance_weight": 5.0, "balance_tolerance": 0.0,
         "exclude_self": True, "pair_reduction": "balanced", "neighbor_refresh": 50, "num_heads": 3,
         "contrastive_weight": 1.0, "neighbor_embedding_weight": 0.0, "kmeans_init": "cosine",
-        "phase2_encoder_lr_factor": 0.1},
+        "phase2_encoder_lr_factor": 0.1, "autoencoder": "conv", "mlp_hidden_dims": [500, 500, 2000],
+        "lr": 0.001, "pretrain_min_epochs": 10},
     ("default", False): {
         "m": 1.2, "augment": True, "neighbors": 5, "T2_min_steps": 400, "balance_weight": 5.0,
         "balance_tolerance": "phase1", "exclude_self": True, "pair_reduction": "balanced", "neighbor_refresh": 50,
         "num_heads": 1, "contrastive_weight": 0.0, "neighbor_embedding_weight": 1.0, "kmeans_init": "euclidean",
-        "phase2_encoder_lr_factor": 0.1},
+        "phase2_encoder_lr_factor": 0.1, "autoencoder": "mlp", "mlp_hidden_dims": [500, 500, 2000],
+        "lr": 0.001, "pretrain_min_epochs": 10},
     ("paper", True): {
         "m": 1.5, "augment": False, "neighbors": 0, "T2_min_steps": 0, "balance_weight": 0.0, "balance_tolerance": 0.0,
         "exclude_self": False, "pair_reduction": "mean", "neighbor_refresh": 0, "num_heads": 1,
         "contrastive_weight": 0.0, "neighbor_embedding_weight": 0.0, "kmeans_init": "euclidean",
-        "phase2_encoder_lr_factor": 1.0},
+        "phase2_encoder_lr_factor": 1.0, "autoencoder": "mlp", "mlp_hidden_dims": [500, 500, 2000],
+        "lr": 0.001, "pretrain_min_epochs": 10},
     ("paper", False): {
         "m": 1.5, "augment": False, "neighbors": 0, "T2_min_steps": 0, "balance_weight": 0.0, "balance_tolerance": 0.0,
         "exclude_self": False, "pair_reduction": "mean", "neighbor_refresh": 0, "num_heads": 1,
         "contrastive_weight": 0.0, "neighbor_embedding_weight": 0.0, "kmeans_init": "euclidean",
-        "phase2_encoder_lr_factor": 1.0},
+        "phase2_encoder_lr_factor": 1.0, "autoencoder": "mlp", "mlp_hidden_dims": [500, 500, 2000],
+        "lr": 0.001, "pretrain_min_epochs": 10},
 }
 
 WRONG_TYPE = {int: [2.5, True, "3", None], float: ["x", True, [1.0], None], bool: [1, "on", None],
@@ -164,8 +168,15 @@ def test_presets_are_plain_data_and_explicit_values_win():
     for preset, images in RESOLVED:
         values = preset_values(preset, images)
         for name, value in values.items():
-            assert get_option(name).allow_none and get_option(name).check(value) == value
+            option = get_option(name)
+            assert (option.allow_none or option.default == "auto") and option.check(value) == value
     assert DCSSConfig(m=1.3, num_heads=2).resolved(images=True).to_dict()["m"] == 1.3
+    large = DCSSConfig().resolved(images=True, n_samples=LARGE_IMAGE_SET)
+    assert (large.autoencoder, large.mlp_hidden_dims, large.neighbor_embedding_weight, large.contrastive_weight,
+            large.num_heads) == ("mlp", (256, 256, 1024), 1.0, 0.0, 1)
+    assert DCSSConfig().resolved(images=True, n_samples=LARGE_IMAGE_SET - 1).autoencoder == "conv"
+    assert DCSSConfig(autoencoder="conv", mlp_hidden_dims=(8,)).resolved(True, 10 ** 5).autoencoder == "conv"
+    assert DCSSConfig(preset="paper").resolved(images=True, n_samples=10 ** 5).mlp_hidden_dims == (500, 500, 2000)
     assert DCSSConfig(num_heads=2).resolved(images=True).num_heads == 2
     assert DCSSConfig(contrastive_weight=0.0).resolved(images=True).kmeans_init == "euclidean"
     assert DCSSConfig(kmeans_init="cosine").resolved(images=False).kmeans_init == "cosine"

@@ -36,14 +36,15 @@ class Schedule:
     @classmethod
     def for_data(cls, n_samples: int, batch_size: int, T1: int = 2, T2: int = 5, T2_min_steps: int = 0,
                  pretrain_epochs: Optional[int] = None, phase1_epochs: Optional[int] = None,
-                 phase2_epochs: Optional[int] = None) -> "Schedule":
-        """Budgets of 960 / 80 / 1600 optimizer steps (with floors), so small data gets more epochs.
+                 phase2_epochs: Optional[int] = None, pretrain_min_epochs: int = 10) -> "Schedule":
+        """Budgets of 960 / 80 / 1600 optimizer steps, so small data gets more epochs, with floors of
+        ``pretrain_min_epochs`` / ``2 T1`` / ``T2 + 10`` epochs, so large data gets at least that many passes.
 
         The u-space stage lasts ``T2`` epochs, or more so that it spans at least ``T2_min_steps`` steps (capped at
         half of Phase 2)."""
         steps = max(1, math.ceil(n_samples / batch_size))
         phase2 = epochs_from_budget(phase2_epochs, 1600, steps, T2 + 10, 500)
-        return cls(pretrain=epochs_from_budget(pretrain_epochs, 960, steps, 10, 500),
+        return cls(pretrain=epochs_from_budget(pretrain_epochs, 960, steps, pretrain_min_epochs, 500),
                    phase1=epochs_from_budget(phase1_epochs, 80, steps, 2 * T1, 200),
                    phase2=phase2,
                    u_stage=max(T2, min(math.ceil(T2_min_steps / steps), phase2 // 2)))

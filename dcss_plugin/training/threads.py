@@ -33,7 +33,7 @@ __all__ = ["SMALL_STEP_FLOPS", "available_cores", "step_flops", "choose_threads"
 
 # Forward FLOPs per step below which one thread is faster than two on a loaded machine and within ~25 % on an idle
 # one (measured: docs/decisions.md, "Threads").
-SMALL_STEP_FLOPS = 2e9
+SMALL_STEP_FLOPS = 6e8
 
 
 def available_cores() -> int:
