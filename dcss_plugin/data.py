@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import DataError  # defined there (torch-free) so that the ONNX runtime can raise it too
+
 __all__ = [
     "DataError",
     "data_fingerprint",
@@ -30,10 +32,6 @@ __all__ = [
 ]
 
 NAMED_DATASETS = ("digits", "mnist", "fashion-mnist", "usps", "cifar10", "stl10")
-
-
-class DataError(ValueError):
-    """Input data that DCSS cannot use; the message says what, why and how to fix it."""
 
 
 def _to_numpy(obj: Any) -> np.ndarray:

@@ -1,13 +1,21 @@
 """Errors with a message that says what went wrong, why, and how to fix it (the CLI prints them as one line).
 
-Both are ``ValueError`` subclasses, so code that catches ``ValueError`` keeps working.
+All are ``ValueError`` subclasses, so code that catches ``ValueError`` keeps working. This module imports nothing
+heavy (no torch, no numpy), so torch-free code such as :mod:`dcss_plugin.export.runtime` can raise them too.
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["TrainingDivergedError", "describe_load_error"]
+__all__ = ["DataError", "TrainingDivergedError", "describe_load_error"]
+
+
+class DataError(ValueError):
+    """Input data that DCSS cannot use; the message says what, why and how to fix it.
+
+    Also importable as ``dcss_plugin.data.DataError`` and ``dcss_plugin.DataError`` (the same class).
+    """
 
 
 class TrainingDivergedError(ValueError):

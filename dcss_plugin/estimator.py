@@ -151,7 +151,8 @@ class DCSS(ClusterMixin, BaseEstimator):
         dev = resolve_device(self.device)
         x = self._samples(X)
         validate_features(x, cfg.n_clusters)
-        cfg = cfg.resolved(images=x.dim() == 4, n_samples=len(x))
+        # the large-image recipe is for the reference networks; a user's encoder keeps the small-image values
+        cfg = cfg.resolved(images=x.dim() == 4, n_samples=len(x) if self.encoder is None else None)
         schedule = Schedule.for_data(len(x), cfg.batch_size, cfg.T1, cfg.T2, cfg.T2_min_steps,
                                      cfg.pretrain_epochs, cfg.phase1_epochs, cfg.phase2_epochs,
                                      cfg.pretrain_min_epochs)

@@ -4,12 +4,16 @@
   writes one self-contained ``.onnx`` file from a :class:`~dcss_plugin.DCSSModel` (trained anywhere, a user's own
   loop included), a fitted :class:`~dcss_plugin.DCSS` or a run directory: input ``u`` (N, d) (head) or ``x``
   (N, *sample_shape) (full: normalisation + encoder + selected head); outputs ``q`` (N, K) float32, ``label`` (N,)
-  int64, ``confidence`` (N,) float32; dynamic batch axis; metadata with K, d, the normalisation, the config, the
-  package version and an integrity digest (against accidental corruption; ``sign_key=`` adds an HMAC-SHA256
-  signature against tampering). Every export is checked against PyTorch with onnxruntime.
+  int64 (-1 for a row with NaN/inf), ``confidence`` (N,) float32 (0 for such a row), ``in_domain`` (N,) bool (the
+  row's ``u`` lies within the training data's reach of a cluster center); dynamic batch axis; metadata with K, d,
+  the normalisation, the in-domain threshold, the config, the package version and an integrity digest (against
+  accidental corruption; ``sign_key=`` adds an HMAC-SHA256 signature against tampering). Every export is checked
+  against PyTorch with onnxruntime.
 * :mod:`dcss_plugin.export.runtime`: ``OnnxClusterAssigner(path, provider="auto"|"cuda"|"cpu", verify_key=None)``
   checks the file (and, with ``verify_key``, its signature) and the inputs, reports the provider that really
-  runs, and binds CUDA tensors without a host copy.
+  runs, and binds CUDA tensors without a host copy. It needs numpy and onnxruntime only (torch is optional).
+* :mod:`dcss_plugin.export.format`: the file format shared by both (names, metadata keys, digest, signature);
+  torch-free.
 
 onnx and onnxruntime are imported by those submodules, not here, so ``import dcss_plugin.export`` stays light.
 The export reads only the model's public parts; ``dcss_plugin`` itself never imports this package. The assign

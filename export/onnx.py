@@ -5,7 +5,7 @@ user's own loop), a fitted :class:`~dcss_plugin.DCSS` (its ``model_``), or a run
 ``dcss fit`` (read with :meth:`DCSS.load`). Only the model's public parts are read: ``normalize``, ``encoder``,
 ``head`` (the selected one), ``decoder`` and ``centers`` (for the default check samples), ``spec``.
 
-Two graphs, both with a dynamic batch axis ``N`` and the same three outputs:
+Two graphs, both with a dynamic batch axis ``N`` and the same four outputs:
 
 * ``head`` (default): input ``u`` (N, d) float32, ``u = model.encode(x)`` (the encoder on normalised input); the
   graph is MNet only.
@@ -15,7 +15,17 @@ Two graphs, both with a dynamic batch axis ``N`` and the same three outputs:
   of ``check_data``; with none of them a full export is refused.
 
 Outputs: ``q`` (N, K) float32 (softmax, rows sum to 1), ``label`` (N,) int64 (``argmax q``, first index on
-ties, as :meth:`DCSSModel.predict`) and ``confidence`` (N,) float32 (``max q``).
+ties, as :meth:`DCSSModel.predict`), ``confidence`` (N,) float32 (``max q``) and ``in_domain`` (N,) bool.
+
+Safe answers inside the graph (plain onnxruntime gives them, no wrapper needed): a row with any NaN or inf value
+(or one so large that the network's ``q`` overflows) gets ``q`` all zeros, ``label`` -1, ``confidence`` 0 and
+``in_domain`` False; every other row gets exactly the model's answer. ``in_domain`` says whether a row looks like
+the training data: ``min_k ||u - mu_k||^2 <= threshold`` in u-space (``u`` the graph input of a head export, the
+encoder output of a full one; ``mu`` the model's cluster centers). The threshold is fixed at export time:
+:data:`DOMAIN_MARGIN` (1.5) times the :data:`DOMAIN_QUANTILE` (99.5th) percentile of that distance over the
+training rows (the data the run directory's ``report.json`` names, else ``check_data``); with neither it is inf
+(``in_domain`` then only marks the rows the graph answers). The metadata records the value
+(``in_domain_threshold``) and where it came from (``in_domain_threshold_source``).
 
 The file's ``metadata_props`` say everything a service needs (see :data:`METADATA_KEYS`): K, d, the input name
 and shape, the normalisation (offset/scale as JSON), the package version, the preset and the config, the
@@ -29,15 +39,16 @@ KEY_FILE``) and load it with the same key (``OnnxClusterAssigner(path, verify_ke
 --verify-key KEY_FILE``); see :func:`sign_model_bytes` for exactly what is signed.
 
 Every export is run by onnxruntime before it is written and compared with the PyTorch model (float32: ``q`` within
-1e-4). fp16 (``fp16=True``): weights and compute in float16, inputs and outputs stay float32 (the normalisation runs
-in float32, then the normalised input is cast). The export is refused (``ValueError``) unless the fp16 graph,
-run by onnxruntime (CPU, and CUDA where it runs), gives the same label as the float32 model for every row of
-the check data: ``check_data`` when given, else the training data named in the run directory's ``report.json``,
-else samples around the cluster centers (decoded to ``x`` for a full export; a weaker check, a warning says so).
-Refusing rather than warning keeps the contract "the assigner's labels are the model's labels". What fp16 buys: a
-file half the size, and float16 arithmetic on CUDA. On CPU it buys no speed: onnxruntime's CPU provider has no
-float16 kernels for these ops and casts every weight back to float32 at load, so the CPU computes in float32 with
-float16-rounded weights. Near-tie rows (two clusters with almost equal ``q``) are where labels flip.
+1e-4 and the same ``in_domain``). fp16 (``fp16=True``): weights and compute in float16, inputs and outputs stay
+float32 (the normalisation runs in float32, then the normalised input is cast). The export is refused
+(``ValueError``) unless the fp16 graph, run by onnxruntime (CPU, and CUDA where it runs), gives the same label as
+the float32 model for every row of the check data: ``check_data`` when given, else the training data named in the
+run directory's ``report.json``, else samples around the cluster centers (decoded to ``x`` for a full export; a
+weaker check, a warning says so). Refusing rather than warning keeps the contract "the assigner's labels are the
+model's labels". What fp16 buys: a file half the size, and float16 arithmetic on CUDA. On CPU it buys no speed:
+onnxruntime's CPU provider has no float16 kernels for these ops and casts every weight back to float32 at load, so
+the CPU computes in float32 with float16-rounded weights. Near-tie rows (two clusters with almost equal ``q``) are
+where labels flip.
 
 Exporter: ``exporter="auto"`` uses torch's TorchScript-based exporter (``dynamo=False``, opset 17) while torch
 ships it: about 0.1 s per export against seconds for the torch.export-based one, and the same graph for these
@@ -55,8 +66,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import hmac
 import io
 import json
 import logging
@@ -76,13 +85,35 @@ from dcss_plugin.io import atomic_write_bytes
 from dcss_plugin.data import as_tensor
 from dcss_plugin.model import DCSSModel, Normalize
 
+from .format import (  # noqa: F401 - re-exported: the file format's names have always been importable from here
+    ASSIGNER_FORMAT,
+    DIGEST_KEY,
+    IN_DOMAIN_KEYS,
+    LEGACY_OUTPUT_NAMES,
+    METADATA_KEYS,
+    MIN_KEY_BYTES,
+    NO_PRESET,
+    OUTPUT_NAMES,
+    SIGNATURE_KEY,
+    SIGNATURE_SCHEME,
+    SigningKeyError,
+    metadata_digest,
+    read_signing_key,
+    sign_model_bytes,
+    signature_entry,
+    signature_of,
+)
+
 __all__ = [
     "ASSIGNER_FORMAT",
     "METADATA_KEYS",
     "OUTPUT_NAMES",
     "AssignerGraph",
+    "DOMAIN_MARGIN",
+    "DOMAIN_QUANTILE",
     "ExportSource",
     "build_graph",
+    "nearest_center_distance",
     "export_assigner",
     "export_from_cli",
     "metadata_digest",
@@ -96,41 +127,10 @@ __all__ = [
 
 log = logging.getLogger("dcss_plugin")
 
-ASSIGNER_FORMAT = "dcss-plugin/onnx-assigner-v1"
-OUTPUT_NAMES = ("q", "label", "confidence")
 TORCHSCRIPT_OPSET = 17
-DIGEST_KEY = "digest"
-SIGNATURE_KEY = "signature"  # optional: present in signed exports only (not one of METADATA_KEYS)
-SIGNATURE_SCHEME = "hmac-sha256"
-MIN_KEY_BYTES = 16
-_SIGNATURE_CONTEXT = b"dcss-plugin/onnx-assigner-signature-v1\0"  # HMAC input prefix: a key used elsewhere too
-#                                                                      cannot be made to sign assigners by accident
-NO_PRESET = "none"  # the metadata preset of a model trained outside the estimator
-
-#: The ``metadata_props`` every exported assigner carries (all values are strings; JSON where structured).
-METADATA_KEYS = {
-    "format": f"always {ASSIGNER_FORMAT!r}",
-    "export_kind": "'head' (input u) or 'full' (input x)",
-    "input_name": "'u' or 'x'",
-    "input_shape": "JSON list: the graph input's shape without the batch axis ([d] or the sample shape)",
-    "sample_shape": "JSON list: the shape of one sample x ([] when unknown: a head export of a model whose input "
-                    "shape was never given)",
-    "n_clusters": "K",
-    "latent_dim": "d",
-    "outputs": "'q,label,confidence'",
-    "normalization": "JSON {kind, formula, offset, scale, offset_shape, scale_shape}: x_norm = (x - offset) / scale; "
-                     "kind 'image' (one offset/scale), 'vector' (per feature) or 'identity'",
-    "u_definition": "how the graph input u is obtained (head export) or that the graph computes it (full)",
-    "fp16": "'true' or 'false'",
-    "dcss_version": "dcss_plugin.__version__ at export",
-    "preset": f"the DCSSConfig preset ({NO_PRESET!r} for a model trained outside the estimator)",
-    "config": "JSON: DCSSConfig.to_dict() (all hyperparameters), or DCSSModel.config() for a model trained outside "
-              "the estimator",
-    "exporter": "'torchscript' or 'dynamo' (which torch.onnx exporter wrote the graph)",
-    "torch_version": "torch.__version__ at export",
-    DIGEST_KEY: "sha256 over the serialized graph and every other metadata entry (but 'signature'): an integrity "
-                "check against accidental corruption, not tamper protection (anyone can recompute it)",
-}
+DOMAIN_QUANTILE = 0.995  # in_domain: this quantile of the training rows' squared distance to their nearest center ...
+DOMAIN_MARGIN = 1.5  # ... times this margin is the threshold (so >= 99.5 % of the training rows are in_domain)
+DOMAIN_ROWS = 100_000  # at most this many training rows (a fixed random subset) set the threshold
 
 
 # ---------------------------------------------------------------------------------------------------- the source
@@ -214,28 +214,58 @@ def _input_shape(src: ExportSource, input_shape: Optional[Sequence[int]], check_
 
 
 # ---------------------------------------------------------------------------------------------------- the graph
+def nearest_center_distance(u: Tensor, centers: Tensor) -> Tensor:
+    """Squared Euclidean distance from each row of ``u`` to its nearest center, ``min_k ||u_i - mu_k||^2``.
+
+    Computed as ``||u||^2 - 2 u mu^T + ||mu||^2`` (clamped at 0), which needs (N, K) memory rather than the
+    (N, K, d) of the direct difference, and exports to plain ONNX ops (MatMul, ReduceSum, ReduceMin). The export
+    computes the in-domain threshold with this same function, so the graph and the threshold agree.
+
+    Args:
+        u: (N, d) float32 embeddings.
+        centers: (K, d) float32 cluster centers.
+
+    Returns:
+        (N,) float32; NaN where a row of ``u`` is not finite.
+
+    Example:
+        >>> nearest_center_distance(torch.tensor([[3.0, 4.0]]), torch.zeros(2, 2))
+        tensor([25.])
+    """
+    d2 = (u * u).sum(dim=1, keepdim=True) - 2.0 * (u @ centers.t()) + (centers * centers).sum(dim=1)
+    return d2.clamp_min(0.0).amin(dim=1)
+
+
 class AssignerGraph(nn.Module):
-    """The exported computation: ``[normalize -> encoder ->] head -> (q, label, confidence)``.
+    """The exported computation: ``[normalize -> encoder ->] head -> (q, label, confidence, in_domain)``.
 
     Args:
         head: MNet (``u (N, d) -> q (N, K)``, softmax included).
         encoder: the encoder (normalised ``x`` -> ``u``); ``None`` for a head export.
         normalize: the input normalisation (a :class:`Normalize`; None: identity); full export only.
-        fp16: run the encoder and head in float16; the normalisation and the I/O stay float32.
+        fp16: run the encoder and head in float16; the normalisation, the distances and the I/O stay float32.
+        centers: (K, d) cluster centers in u-space for ``in_domain``; None: ``in_domain`` only marks answered rows.
+        threshold: the squared distance to the nearest center up to which a row is ``in_domain`` (inf: any).
 
     All modules are copied to the CPU in eval mode; the originals are not touched.
 
+    Safe answers, computed inside the graph (so plain onnxruntime gives them too): a row with any NaN or inf
+    value is replaced by zeros before it reaches the network and answered with ``q`` all zeros, ``label`` -1,
+    ``confidence`` 0 and ``in_domain`` False; so is a finite row whose ``q`` is not finite (an input so large that
+    the encoder overflows). Every other row gets exactly the model's ``q``, ``argmax q`` and ``max q``.
+
     Shapes:
         input: ``u`` (N, d) for a head export, ``x`` (N, *sample_shape) for a full export, float32.
-        output: ``q`` (N, K) float32, ``label`` (N,) int64, ``confidence`` (N,) float32.
+        output: ``q`` (N, K) float32, ``label`` (N,) int64, ``confidence`` (N,) float32, ``in_domain`` (N,) bool
+        (``label >= 0`` and ``nearest_center_distance(u, centers) <= threshold``).
 
     Example:
-        >>> graph = AssignerGraph(model.head).eval()
-        >>> q, label, confidence = graph(torch.randn(4, model.latent_dim))
+        >>> graph = AssignerGraph(model.head, centers=model.centers.centers, threshold=4.0).eval()
+        >>> q, label, confidence, in_domain = graph(torch.randn(4, model.latent_dim))
     """
 
     def __init__(self, head: nn.Module, encoder: Optional[nn.Module] = None, normalize: Optional[nn.Module] = None,
-                 fp16: bool = False) -> None:
+                 fp16: bool = False, centers: Optional[Tensor] = None, threshold: float = float("inf")) -> None:
         super().__init__()
         dtype = torch.float16 if fp16 else torch.float32
         self.fp16 = bool(fp16)
@@ -243,9 +273,14 @@ class AssignerGraph(nn.Module):
         self.encoder = copy.deepcopy(encoder).to("cpu", dtype).eval() if encoder is not None else None
         self.normalize = (copy.deepcopy(normalize if normalize is not None else Normalize()).to("cpu", torch.float32)
                           .eval() if encoder is not None else None)
+        self.register_buffer("centers", centers.detach().to("cpu", torch.float32).clone()
+                             if centers is not None else None)
+        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
 
-    def forward(self, inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        h = inputs
+    def forward(self, inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        finite = torch.isfinite(inputs.flatten(1)).all(dim=1)  # (N,)
+        row = finite.reshape((-1,) + (1,) * (inputs.dim() - 1))
+        h = torch.where(row, inputs, torch.zeros_like(inputs))  # NaN/inf never reach the network
         if self.normalize is not None:
             h = self.normalize(h)  # float32, then cast: the normalisation never runs in fp16
         if self.fp16:
@@ -253,19 +288,28 @@ class AssignerGraph(nn.Module):
         if self.encoder is not None:
             h = self.encoder(h)
         q = self.head(h).float()
+        answered = finite & torch.isfinite(q).all(dim=1)
+        q = torch.where(answered.unsqueeze(1), q, torch.zeros_like(q))
         confidence, label = q.max(dim=1)
-        return q, label, confidence
+        label = torch.where(answered, label, torch.full_like(label, -1))
+        in_domain = answered
+        if self.centers is not None:
+            in_domain = in_domain & (nearest_center_distance(h.float(), self.centers) <= self.threshold)
+        return q, label, confidence, in_domain
 
 
-def build_graph(model: DCSSModel, full: bool, fp16: bool) -> AssignerGraph:
-    """The :class:`AssignerGraph` of ``model``'s selected head (and, ``full``, its normalisation and encoder).
+def build_graph(model: DCSSModel, full: bool, fp16: bool, threshold: float = float("inf")) -> AssignerGraph:
+    """The :class:`AssignerGraph` of ``model``'s selected head (and, ``full``, its normalisation and encoder), with
+    its cluster centers and the in-domain ``threshold``.
 
     Example:
-        >>> q, label, confidence = build_graph(model, full=True, fp16=False)(torch.rand(2, 1, 8, 8) * 16)
+        >>> q, label, confidence, in_domain = build_graph(model, True, False, 4.0)(torch.rand(2, 1, 8, 8) * 16)
     """
+    centers = model.centers.centers
     if not full:
-        return AssignerGraph(model.head, fp16=fp16).eval()
-    return AssignerGraph(model.head, model.encoder, model.normalize, fp16=fp16).eval()
+        return AssignerGraph(model.head, fp16=fp16, centers=centers, threshold=threshold).eval()
+    return AssignerGraph(model.head, model.encoder, model.normalize, fp16=fp16, centers=centers,
+                         threshold=threshold).eval()
 
 
 def _reference(model: DCSSModel) -> DCSSModel:
@@ -340,99 +384,6 @@ def _to_onnx(graph: nn.Module, example: Tensor, input_name: str, exporter: str) 
 
 
 # ---------------------------------------------------------------------------------------------------- metadata
-def metadata_digest(model_proto: Any) -> str:
-    """SHA-256 (hex) over the serialized graph and every metadata entry except the digest and the signature.
-
-    An integrity check against accidental corruption only: it has no secret, so whoever edits the file can
-    recompute it. Tamper protection is the HMAC signature (:func:`sign_model_bytes`).
-
-    Example:
-        >>> metadata_digest(onnx.load("assigner.onnx")) == dict(...)["digest"]
-    """
-    h = hashlib.sha256()
-    h.update(model_proto.graph.SerializeToString(deterministic=True))
-    meta = sorted((p.key, p.value) for p in model_proto.metadata_props if p.key not in (DIGEST_KEY, SIGNATURE_KEY))
-    h.update(b"\0")
-    h.update(json.dumps(meta, separators=(",", ":")).encode("utf-8"))
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------- signing
-class SigningKeyError(ValueError):
-    """A signing or verification key that cannot be used: empty or shorter than :data:`MIN_KEY_BYTES` bytes."""
-
-
-def read_signing_key(key: Union[str, os.PathLike, bytes]) -> bytes:
-    """The secret key: the bytes of the file ``key`` (or ``key`` itself when given as bytes).
-
-    The file's bytes are the key exactly as stored (a trailing newline included), so the signer and the verifier
-    must use the same file contents. Make one with e.g. ``head -c 32 /dev/urandom > dcss.key``.
-
-    Raises:
-        FileNotFoundError: no such file.
-        SigningKeyError: an empty key or one under 16 bytes (too easy to guess).
-    """
-    if isinstance(key, (bytes, bytearray)):
-        data, what = bytes(key), "The signing key"
-    else:
-        path = os.fspath(key)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Key file not found: {path!r}. Create one with e.g. `head -c 32 /dev/urandom "
-                                    "> dcss.key` and keep it secret.")
-        with open(path, "rb") as fh:
-            data = fh.read()
-        what = f"The key file {path!r}"
-    if not data:
-        raise SigningKeyError(f"{what} is empty; a key needs at least {MIN_KEY_BYTES} bytes (e.g. `head -c 32 "
-                              "/dev/urandom > dcss.key`).")
-    if len(data) < MIN_KEY_BYTES:
-        raise SigningKeyError(f"{what} has {len(data)} bytes, under the {MIN_KEY_BYTES} bytes a key needs to resist "
-                              "guessing (e.g. `head -c 32 /dev/urandom > dcss.key`).")
-    return data
-
-
-def signature_of(unsigned: bytes, key: bytes) -> str:
-    """The ``signature`` metadata value of the unsigned model bytes: ``"hmac-sha256:" + hex``."""
-    mac = hmac.new(key, _SIGNATURE_CONTEXT + unsigned, hashlib.sha256).hexdigest()
-    return f"{SIGNATURE_SCHEME}:{mac}"
-
-
-def signature_entry(value: str) -> bytes:
-    """The serialized ``metadata_props`` entry ``signature=value``, as it ends a signed file (field 14 of
-    ``ModelProto``: a tag, a length and the ``StringStringEntryProto``)."""
-    import onnx
-
-    holder = onnx.ModelProto()
-    holder.metadata_props.add(key=SIGNATURE_KEY, value=value)
-    return holder.SerializeToString()
-
-
-def sign_model_bytes(data: bytes, key: bytes) -> bytes:
-    """Sign a serialized assigner with HMAC-SHA256: returns ``data + signature_entry(signature_of(data, key))``.
-
-    What is signed: the exact bytes of the unsigned file (behind a fixed context prefix). The signature is
-    appended as one more ``metadata_props`` entry after them; protobuf merges a repeated field that appears again
-    at the end, so the result is the same model with one more metadata entry, and the signed bytes stay exactly
-    the file minus its last ``len(signature_entry(...))`` bytes. Verification
-    (:func:`~dcss_plugin.export.runtime.read_assigner` with ``verify_key``) parses the file, takes its single
-    ``signature`` entry, checks that the file ends with exactly that entry's bytes, and recomputes the HMAC over
-    everything before them. No re-serialization is involved, so nothing depends on protobuf serializing the same
-    way on both machines, and any changed, added or removed byte is refused. A sidecar ``.sig`` file would also
-    leave the model bytes alone, but it gets lost when the model is copied; this keeps the export one file.
-    Tools that re-save the model (``onnx.save``) move the entry and so break the signature, as any edit should.
-    The integrity digest does not cover the signature entry, so an unsigned reader still accepts a signed file.
-
-    Raises:
-        ValueError: ``data`` already carries a signature.
-    """
-    import onnx
-
-    proto = onnx.ModelProto.FromString(data)
-    if any(p.key == SIGNATURE_KEY for p in proto.metadata_props):
-        raise ValueError("This model is signed already; sign the unsigned export.")
-    return data + signature_entry(signature_of(data, key))
-
-
 def _normalization(norm: nn.Module, shape: Optional[Tuple[int, ...]]) -> Dict[str, Any]:
     """The ``normalization`` metadata entry of a :class:`Normalize` (``offset``/``scale`` buffers)."""
     offset = norm.offset.detach().cpu().float()
@@ -447,8 +398,8 @@ def _normalization(norm: nn.Module, shape: Optional[Tuple[int, ...]]) -> Dict[st
             "scale": scale.tolist(), "offset_shape": list(offset.shape), "scale_shape": list(scale.shape)}
 
 
-def _metadata(src: ExportSource, shape: Optional[Tuple[int, ...]], full: bool, fp16: bool,
-              exporter: str) -> Dict[str, str]:
+def _metadata(src: ExportSource, shape: Optional[Tuple[int, ...]], full: bool, fp16: bool, exporter: str,
+              domain: "DomainThreshold") -> Dict[str, str]:
     model = src.model
     d, k = int(model.latent_dim), int(model.n_clusters)
     if full:
@@ -473,6 +424,8 @@ def _metadata(src: ExportSource, shape: Optional[Tuple[int, ...]], full: bool, f
         "config": json.dumps(src.config, default=str),
         "exporter": exporter,
         "torch_version": torch.__version__,
+        "in_domain_threshold": domain.text,
+        "in_domain_threshold_source": domain.source,
     }
 
 
@@ -485,8 +438,8 @@ def _finalize(proto: Any, meta: Dict[str, str], full: bool, fp16: bool) -> bytes
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     proto.metadata_props.add(key=DIGEST_KEY, value=metadata_digest(proto))
-    proto.doc_string = (f"DCSS cluster assigner ({'full: x' if full else 'head: u'} -> q, label, confidence; "
-                        f"{'fp16' if fp16 else 'fp32'}), dcss-plugin {__version__}")
+    proto.doc_string = (f"DCSS cluster assigner ({'full: x' if full else 'head: u'} -> q, label, confidence, "
+                        f"in_domain; {'fp16' if fp16 else 'fp32'}), dcss-plugin {__version__}")
     proto.producer_name = "dcss-plugin"
     proto.producer_version = __version__
     external = [t.name for t in proto.graph.initializer if uses_external_data(t)]
@@ -500,7 +453,7 @@ def _finalize(proto: Any, meta: Dict[str, str], full: bool, fp16: bool) -> bytes
     return data
 
 
-# ---------------------------------------------------------------------------------------------------- checks
+# ---------------------------------------------------------------------------------------------------- data at hand
 def _probe(ref: DCSSModel, shape: Optional[Tuple[int, ...]], full: bool, per_center: int = 32,
            seed: int = 0) -> Tuple[Tensor, str]:
     """Points around each cluster center when no real data is at hand: ``u`` for a head export, else ``x``
@@ -547,27 +500,95 @@ def _training_data(run_dir: Optional[str]) -> Tuple[Optional[Tensor], str]:
     return None, ""
 
 
-def _reference_outputs(ref: DCSSModel, full: bool, shape: Optional[Tuple[int, ...]], x: Optional[Tensor] = None,
-                       u: Optional[Tensor] = None, chunk: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
-    """The graph input (``x`` for a full export, ``u = encode(x)`` for a head export) and PyTorch's ``q``."""
+def _encode(ref: DCSSModel, full: bool, shape: Optional[Tuple[int, ...]], x: Tensor,
+            chunk: int = 4096) -> Tuple[Tensor, Tensor]:
+    """``x`` brought to the export's sample shape ((N, H, W) gains its channel axis) and ``u = ref.encode(x)``.
+
+    Returns ``(x, u)``: (N, *sample_shape) and (N, d) float32. Raises ``ValueError`` when a full export's
+    samples have another shape.
+    """
+    if shape is not None and len(shape) == 3 and shape[0] == 1 and tuple(x.shape[1:]) == shape[1:]:
+        x = x.unsqueeze(1)  # (N, H, W) for samples (1, H, W)
+    if full and tuple(x.shape[1:]) != shape:
+        raise ValueError(f"The check data has samples of shape {tuple(x.shape[1:])}; this export's input x has "
+                         f"samples of shape {shape}.")
     with torch.no_grad():
-        if x is not None:
-            if shape is not None and len(shape) == 3 and shape[0] == 1 and tuple(x.shape[1:]) == shape[1:]:
-                x = x.unsqueeze(1)  # (N, H, W) for samples (1, H, W)
-            if full and tuple(x.shape[1:]) != shape:
-                raise ValueError(f"The check data has samples of shape {tuple(x.shape[1:])}; this export's input "
-                                 f"x has samples of shape {shape}.")
-            u = torch.cat([ref.encode(x[i:i + chunk]) for i in range(0, len(x), chunk)]) if len(x) else None
-        assert u is not None
+        u = torch.cat([ref.encode(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    return x, u.float()
+
+
+# ---------------------------------------------------------------------------------------------------- in-domain
+@dataclass
+class DomainThreshold:
+    """The in-domain threshold (a float32 value; inf when no data was at hand) and where it came from."""
+
+    value: float
+    source: str
+
+    @property
+    def text(self) -> str:
+        """The metadata form: 9 significant digits (a float32 reads back exactly), ``'inf'`` for infinity."""
+        return format(self.value, ".9g")
+
+
+NO_DOMAIN_DATA = ("none: no training data at hand (export from a run directory whose report.json names its data, "
+                  "or pass check_data=training samples), so the threshold is inf and in_domain only marks the rows "
+                  "the graph answers (finite input, finite q)")
+
+
+def _domain_threshold(ref: DCSSModel, full: bool, shape: Optional[Tuple[int, ...]], x: Optional[Tensor],
+                      name: str) -> DomainThreshold:
+    """The in-domain threshold from training samples ``x`` (N, ...): :data:`DOMAIN_MARGIN` times the
+    :data:`DOMAIN_QUANTILE` quantile of ``nearest_center_distance(encode(x), centers)`` over up to
+    :data:`DOMAIN_ROWS` rows (a fixed random subset beyond that). Without ``x`` (or with no finite embedding):
+    inf, with the reason as its source.
+
+    Example:
+        >>> _domain_threshold(ref, True, (1, 8, 8), digits, "dataset:digits").text
+        '41.7210045'
+    """
+    if x is None or len(x) == 0:
+        return DomainThreshold(float("inf"), NO_DOMAIN_DATA)
+    if len(x) > DOMAIN_ROWS:
+        keep = np.sort(np.random.default_rng(0).choice(len(x), DOMAIN_ROWS, replace=False))
+        x = x[torch.from_numpy(keep)]
+    _, u = _encode(ref, full, shape, x)
+    with torch.no_grad():
+        dist = nearest_center_distance(u, ref.centers.centers.detach().float()).numpy().astype(np.float64)
+    dist = dist[np.isfinite(dist)]
+    if dist.size == 0:
+        return DomainThreshold(float("inf"), f"none: {name} has no row with a finite embedding u; the threshold is "
+                                             "inf and in_domain only marks the rows the graph answers")
+    value = float(np.float32(DOMAIN_MARGIN * np.quantile(dist, DOMAIN_QUANTILE)))
+    return DomainThreshold(value, f"{name} ({dist.size} rows): {DOMAIN_MARGIN:g} x the {100 * DOMAIN_QUANTILE:g}th "
+                                  "percentile of the rows' squared u-space distance to their nearest center")
+
+
+def _domain_data(training: Tuple[Optional[Tensor], str],
+                 checks: Tuple[Optional[Tensor], str]) -> Tuple[Optional[Tensor], str]:
+    """The samples that set the threshold: the run's training data, else ``check_data``, else none."""
+    return training if training[0] is not None else checks
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def _reference_outputs(ref: DCSSModel, full: bool, shape: Optional[Tuple[int, ...]], x: Optional[Tensor] = None,
+                       u: Optional[Tensor] = None, chunk: int = 4096) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The graph input (``x`` for a full export, ``u = encode(x)`` for a head export), PyTorch's ``q`` (N, K) and
+    the nearest-center distance of ``u`` (N,)."""
+    if x is not None:
+        x, u = _encode(ref, full, shape, x, chunk)
+    assert u is not None
+    with torch.no_grad():
         q = torch.cat([ref.head(u[i:i + chunk]) for i in range(0, len(u), chunk)])
+        dist = nearest_center_distance(u, ref.centers.centers.detach().float())
     graph_in = x if full else u
     assert graph_in is not None
-    return np.ascontiguousarray(graph_in.numpy(), dtype=np.float32), q.float().numpy()
+    return np.ascontiguousarray(graph_in.numpy(), dtype=np.float32), q.float().numpy(), dist.numpy()
 
 
 def _ort_outputs(data: bytes, inputs: np.ndarray, provider: str = "cpu",
-                 chunk: int = 65536) -> Tuple[np.ndarray, np.ndarray]:
-    """``q`` and ``label`` of the serialized graph on ``inputs``, run by onnxruntime on ``provider``."""
+                 chunk: int = 65536) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``q``, ``label`` and ``in_domain`` of the serialized graph on ``inputs``, run by onnxruntime on ``provider``."""
     import onnxruntime as ort
 
     from .runtime import create_session
@@ -576,8 +597,9 @@ def _ort_outputs(data: bytes, inputs: np.ndarray, provider: str = "cpu",
     opts.log_severity_level = 3
     session, _, _ = create_session(data, provider, options=opts)
     name = session.get_inputs()[0].name
-    outs = [session.run(["q", "label"], {name: inputs[i:i + chunk]}) for i in range(0, len(inputs), chunk)]
-    return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+    outs = [session.run(["q", "label", "in_domain"], {name: inputs[i:i + chunk]})
+            for i in range(0, len(inputs), chunk)]
+    return tuple(np.concatenate([o[j] for o in outs]) for j in range(3))  # type: ignore[return-value]
 
 
 def _cuda_runs() -> bool:
@@ -586,24 +608,37 @@ def _cuda_runs() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
 
 
-def _compare(data: bytes, graph_in: np.ndarray, q_ref: np.ndarray, fp16: bool, source: str) -> None:
-    """Run the exported bytes with onnxruntime and compare with PyTorch's (float32) ``q_ref``.
+def _in_domain_changes(in_domain: np.ndarray, dist_ref: np.ndarray, threshold: float) -> np.ndarray:
+    """Rows whose ``in_domain`` differs from PyTorch's ``dist_ref <= threshold``, but for rows within rounding
+    (relative 1e-4) of the threshold, which may fall either way."""
+    want = dist_ref <= threshold
+    edge = np.abs(dist_ref - threshold) <= 1e-4 * (abs(threshold) + 1.0) if np.isfinite(threshold) else False
+    return np.flatnonzero((in_domain != want) & ~edge)
 
-    float32: ``q`` within 1e-4 (CPU provider). fp16: the same label for every row, on the CPU provider and, where
-    it runs, on CUDA (where float16 arithmetic really happens; onnxruntime's CPU provider computes most float16 ops
-    in float32 after inserting casts, so there only the weight rounding shows). Else ``ValueError``.
+
+def _compare(data: bytes, graph_in: np.ndarray, q_ref: np.ndarray, dist_ref: np.ndarray, threshold: float,
+             fp16: bool, source: str) -> None:
+    """Run the exported bytes with onnxruntime and compare with PyTorch's (float32) ``q_ref`` and ``dist_ref``.
+
+    float32: ``q`` within 1e-4 and the same ``in_domain`` (but for rows within rounding of the threshold) on the
+    CPU provider, else ``RuntimeError``. fp16: the same label for every row, on the CPU provider and, where it
+    runs, on CUDA (where float16 arithmetic really happens; onnxruntime's CPU provider computes most float16 ops
+    in float32 after inserting casts, so there only the weight rounding shows), else ``ValueError``; ``in_domain``
+    changes are logged, not refused (the labels are the contract, in_domain a heuristic).
     """
     ref = q_ref.argmax(1)
     if not fp16:
-        q, _ = _ort_outputs(data, graph_in)
+        q, _, in_domain = _ort_outputs(data, graph_in)
         err = float(np.abs(q - q_ref).max()) if len(q) else 0.0
-        if err > 1e-4:
-            raise RuntimeError(f"The exported graph disagrees with the PyTorch model (max |q diff| = {err:.2e} on "
-                               f"{source}); please report this with your torch and onnx versions.")
+        changed = _in_domain_changes(in_domain, dist_ref, threshold)
+        if err > 1e-4 or changed.size:
+            raise RuntimeError(f"The exported graph disagrees with the PyTorch model (max |q diff| = {err:.2e}, "
+                               f"in_domain differs on {changed.size} row(s), on {source}); please report this with "
+                               "your torch and onnx versions.")
         return
     for provider in ("cpu", "cuda") if _cuda_runs() else ("cpu",):
         try:
-            q, label = _ort_outputs(data, graph_in, provider)
+            q, label, in_domain = _ort_outputs(data, graph_in, provider)
         except RuntimeError as exc:  # CUDA listed but not running after all: the CPU check stands
             log.info("fp16 check skipped on %s: %s", provider, exc)
             continue
@@ -613,31 +648,32 @@ def _compare(data: bytes, graph_in: np.ndarray, q_ref: np.ndarray, fp16: bool, s
                 f"fp16 export refused: float16 changes the label of {changed.size} of {len(ref)} row(s) "
                 f"(first rows: {changed[:5].tolist()}; onnxruntime {provider}, checked on {source}). Export in "
                 "float32 (drop --fp16): it is exact, and these small models gain little from fp16.")
-        log.info("fp16 export keeps all %d labels of %s on %s; max |q - q_fp32| = %.2e", len(ref), source, provider,
-                 float(np.abs(q - q_ref).max()) if len(q) else 0.0)
+        log.info("fp16 export keeps all %d labels of %s on %s; max |q - q_fp32| = %.2e; in_domain differs on %d "
+                 "row(s)", len(ref), source, provider, float(np.abs(q - q_ref).max()) if len(q) else 0.0,
+                 _in_domain_changes(in_domain, dist_ref, threshold).size)
 
 
-def _verify(src: ExportSource, data: bytes, shape: Optional[Tuple[int, ...]], full: bool, fp16: bool,
-            check_data: Any) -> None:
-    """Compare the exported graph with a float32 CPU copy of the model on the best data at hand.
+def _verify(ref: DCSSModel, data: bytes, shape: Optional[Tuple[int, ...]], full: bool, fp16: bool,
+            checks: Tuple[Optional[Tensor], str], training: Tuple[Optional[Tensor], str], threshold: float) -> None:
+    """Compare the exported graph with ``ref`` (a float32 CPU copy of the model) on the best data at hand.
 
-    Data: ``check_data``; for fp16 else the training data the run's ``report.json`` names; else points around the
-    cluster centers (with a warning for fp16, where the check decides whether the file is written).
-    Rows: up to 4096 (float32, ``q`` compared) or 200,000 (fp16, labels compared).
+    Data: ``check_data`` (``checks``); for fp16 else the training data the run's ``report.json`` names
+    (``training``); else points around the cluster centers (with a warning for fp16, where the check decides
+    whether the file is written). Rows: up to 4096 (float32, ``q`` and ``in_domain`` compared) or 200,000 (fp16,
+    labels compared).
     """
-    ref = _reference(src.model)
     limit = 200_000 if fp16 else 4096
-    x, source = (as_tensor(check_data)[0], "check_data") if check_data is not None else (None, "")
+    x, source = checks
     if x is None and fp16:
-        x, source = _training_data(src.run_dir)
+        x, source = training
     if x is not None:
-        graph_in, q_ref = _reference_outputs(ref, full, shape, x=x[:limit])
+        if len(x) == 0:
+            raise ValueError("check_data is empty; give at least one sample.")
+        graph_in, q_ref, dist_ref = _reference_outputs(ref, full, shape, x=x[:limit])
     else:
         probe, source = _probe(ref, shape, full)
-        graph_in, q_ref = _reference_outputs(ref, full, shape, **{"x" if full else "u": probe})
-    if len(graph_in) == 0:
-        raise ValueError("check_data is empty; give at least one sample.")
-    _compare(data, graph_in, q_ref, fp16, source)
+        graph_in, q_ref, dist_ref = _reference_outputs(ref, full, shape, **{"x" if full else "u": probe})
+    _compare(data, graph_in, q_ref, dist_ref, threshold, fp16, source)
     if fp16 and x is None:
         warnings.warn(f"fp16 labels were checked only on {source}; pass check_data (real samples) for a meaningful "
                       "check.", stacklevel=3)
@@ -662,7 +698,8 @@ def export_assigner(model: Union[DCSSModel, DCSS, str, os.PathLike], path: Union
             needs one of them.
         check_data: samples ``x`` (N, *sample_shape) to verify the export on. Default: points around the cluster
             centers (decoded to ``x`` for a full export); for fp16 the run's training data first, when its
-            ``report.json`` names it.
+            ``report.json`` names it. Without such training data, ``check_data`` also sets the in-domain threshold
+            (pass the training samples to get a meaningful ``in_domain``).
         exporter: ``"auto"`` (TorchScript exporter while torch ships it, else dynamo), ``"torchscript"`` or
             ``"dynamo"``.
         verify: run the exported graph with onnxruntime against PyTorch before writing (always on for fp16).
@@ -689,15 +726,19 @@ def export_assigner(model: Union[DCSSModel, DCSS, str, os.PathLike], path: Union
     if os.path.isdir(out):
         raise ValueError(f"{out!r} is a directory; give a file name such as {os.path.join(out, 'assigner.onnx')!r}.")
     shape = _input_shape(src, input_shape, check_data, full)
-    graph = build_graph(src.model, full, fp16)
+    ref = _reference(src.model)
+    checks = (as_tensor(check_data)[0], "check_data") if check_data is not None else (None, "")
+    training = _training_data(src.run_dir)
+    domain = _domain_threshold(ref, full, shape, *_domain_data(training, checks))
+    graph = build_graph(src.model, full, fp16, domain.value)
     example = torch.zeros((2, *shape) if full else (2, src.model.latent_dim))  # type: ignore[misc]
     _check_traceable(graph, example)  # batch 2: no size-1 specialising
     proto, used = _to_onnx(graph, example, "x" if full else "u", exporter)
-    data = _finalize(proto, _metadata(src, shape, full, fp16, used), full, fp16)
+    data = _finalize(proto, _metadata(src, shape, full, fp16, used, domain), full, fp16)
     if key is not None:
         data = sign_model_bytes(data, key)
     if verify or fp16:
-        _verify(src, data, shape, full, fp16, check_data)
+        _verify(ref, data, shape, full, fp16, checks, training, domain.value)
     atomic_write_bytes(out, data)
     log.info("wrote %s (%s export, %s, %d bytes, %s exporter%s)", out, "full" if full else "head",
              "fp16" if fp16 else "fp32", len(data), used, ", signed" if key is not None else "")

@@ -13,18 +13,27 @@ user's own loop, whose encoder class is unknown here); everything it checks is i
   back to CPU when the CUDA provider cannot start (missing driver or libraries), so the choice is read back from
   the session (``session.get_providers()``), not from ``get_available_providers()``. :attr:`provider` is the one
   that actually runs. ``"cuda"`` raises :class:`ProviderUnavailableError` (a ``RuntimeError``) with the reason.
-* Inputs: numpy arrays or torch tensors (N, ...) of any numeric dtype (cast to float32); rank, sample shape,
-  dtype and NaN/inf are checked first, each with its own error. For a full export with sample shape (1, H, W),
-  (N, H, W) is accepted. Large inputs run in chunks of ``batch_size`` rows.
+* Inputs: numpy arrays or torch tensors (N, ...) of any numeric dtype (cast to float32); rank, sample shape
+  and dtype are checked first, each with its own error. NaN/inf: refused with a :class:`DataError` by default
+  (``nonfinite="raise"``); with ``nonfinite="flag"`` such rows go to the graph, which answers them itself
+  (``label`` -1, ``confidence`` 0, ``q`` zeros, ``in_domain`` False), as it does for anyone who runs the file with
+  plain onnxruntime. For a full export with sample shape (1, H, W), (N, H, W) is accepted. Large inputs run in
+  chunks of ``batch_size`` rows.
+* Outputs: :class:`AssignResult` ``(q, label, confidence, in_domain)``; ``in_domain`` is None for a file exported
+  before that output existed (three outputs; such files still load).
 * CUDA-resident torch tensors on a CUDA session go through IOBinding: onnxruntime reads the tensor's memory and
   writes into torch tensors preallocated on the same device; nothing is copied to the host, and the result holds
   CUDA tensors. Every other input gives numpy results.
+* Dependencies: numpy and onnxruntime (and onnx, to read the file). torch is optional: it is never imported for
+  the CPU provider; for ``"auto"``/``"cuda"`` it is imported (when installed) before the CUDA session is created,
+  because it loads the CUDA libraries that onnxruntime-gpu needs. Torch tensors are recognised only when the
+  caller has imported torch (``sys.modules``), which any caller holding one has.
 
 Example:
     >>> from dcss_plugin.export.runtime import OnnxClusterAssigner
     >>> assigner = OnnxClusterAssigner("runs/digits/assigner.onnx", provider="auto")
-    >>> out = assigner(load_digits().images)       # AssignResult(q (N, K), label (N,), confidence (N,))
-    >>> assigner.provider, out.label[:5]
+    >>> out = assigner(load_digits().images)  # AssignResult(q (N, K), label (N,), confidence (N,), in_domain (N,))
+    >>> assigner.provider, out.label[:5], out.in_domain.mean()
 """
 
 from __future__ import annotations
@@ -35,18 +44,20 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
-import torch  # imported before onnxruntime on purpose: it loads the CUDA libraries that onnxruntime-gpu needs
 
-from dcss_plugin.data import DataError
+from dcss_plugin.errors import DataError
 
-from .onnx import (
+from .format import (
     ASSIGNER_FORMAT,
     DIGEST_KEY,
+    IN_DOMAIN_KEYS,
+    LEGACY_OUTPUT_NAMES,
     METADATA_KEYS,
     OUTPUT_NAMES,
     SIGNATURE_KEY,
@@ -55,6 +66,9 @@ from .onnx import (
     signature_entry,
     signature_of,
 )
+
+if TYPE_CHECKING:  # torch is optional here: only CUDA tensors need it, and a caller who has them has torch
+    import torch
 
 __all__ = [
     "AssignResult",
@@ -70,7 +84,26 @@ __all__ = [
 log = logging.getLogger("dcss_plugin")
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+NONFINITE_MODES = ("raise", "flag")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_DTYPES = {"q": np.float32, "label": np.int64, "confidence": np.float32, "in_domain": np.bool_}
+
+
+def _torch() -> Any:
+    """The torch module when the process has imported it, else None (torch is optional here)."""
+    return sys.modules.get("torch")
+
+
+def _load_cuda_libraries() -> None:
+    """Import torch, when installed, before onnxruntime creates a CUDA session: torch loads the CUDA libraries
+    (cuDNN, cuBLAS, ...) that onnxruntime-gpu's CUDA provider needs. Without torch nothing happens (the libraries
+    must then be found by the system loader)."""
+    if "torch" in sys.modules:
+        return
+    try:
+        import torch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - not installed, or a broken install: onnxruntime reports what it lacks
+        log.debug("torch not imported before the CUDA session (%s)", exc)
 
 
 class AssignerFileError(ValueError):
@@ -90,14 +123,19 @@ class AssignResult(NamedTuple):
     """Outputs of one assignment: numpy arrays, or CUDA tensors when the input was a CUDA tensor.
 
     Attributes:
-        q: (N, K) float32 soft assignments, rows sum to 1.
-        label: (N,) int64 cluster, ``argmax q``.
-        confidence: (N,) float32 ``max q``.
+        q: (N, K) float32 soft assignments, rows sum to 1 (all zeros for a row the graph cannot answer).
+        label: (N,) int64 cluster, ``argmax q``; -1 for a row with NaN/inf (only with ``nonfinite="flag"``).
+        confidence: (N,) float32 ``max q``; 0 for such a row.
+        in_domain: (N,) bool, the row looks like the training data (its ``u`` lies within the file's threshold of
+            a cluster center); None for a file exported before in_domain existed (it cannot say).
+
+    ``q, label, confidence = result[:3]`` works with files of either kind.
     """
 
     q: Any
     label: Any
     confidence: Any
+    in_domain: Any = None
 
 
 # ---------------------------------------------------------------------------------------------------- the file
@@ -166,7 +204,9 @@ def read_assigner(path: Union[str, os.PathLike],
             f"{path!r} is an ONNX model but not a dcss-plugin cluster assigner: its metadata lacks "
             f"format={ASSIGNER_FORMAT!r}. Export one with `dcss export RUN_DIR --out FILE.onnx` or "
             "dcss_plugin.export.onnx.export_assigner(model, FILE).")
-    missing = sorted(set(METADATA_KEYS) - set(meta))
+    outputs = [o.name for o in proto.graph.output]
+    required = set(METADATA_KEYS) - (set() if outputs == list(OUTPUT_NAMES) else set(IN_DOMAIN_KEYS))
+    missing = sorted(required - set(meta))
     if missing:
         raise AssignerFileError(f"{path!r} lacks the metadata entries {missing}; export it again with this version.")
     if metadata_digest(proto) != meta[DIGEST_KEY]:
@@ -177,10 +217,13 @@ def read_assigner(path: Union[str, os.PathLike],
     if any(uses_external_data(t) for t in proto.graph.initializer):
         raise AssignerFileError(f"{path!r} refers to external tensor data; a dcss assigner is one self-contained file.")
     inputs = [i.name for i in proto.graph.input]
-    outputs = [o.name for o in proto.graph.output]
-    if inputs != [meta["input_name"]] or outputs != list(OUTPUT_NAMES):
+    promised = meta["outputs"].split(",")
+    if inputs != [meta["input_name"]] or outputs != promised or promised not in (list(OUTPUT_NAMES),
+                                                                                   list(LEGACY_OUTPUT_NAMES)):
         raise AssignerFileError(f"{path!r}: graph I/O {inputs} -> {outputs} does not match its metadata "
-                                f"([{meta['input_name']!r}] -> {list(OUTPUT_NAMES)}).")
+                                f"([{meta['input_name']!r}] -> {promised}; an assigner has the outputs "
+                                f"{list(OUTPUT_NAMES)}, or {list(LEGACY_OUTPUT_NAMES)} when exported before "
+                                "in_domain existed).")
     return data, meta
 
 
@@ -238,10 +281,12 @@ def create_session(data: bytes, provider: str = "auto", device_id: int = 0,
     Example:
         >>> session, running, why = create_session(open("a.onnx", "rb").read(), "auto")
     """
-    import onnxruntime as ort
-
     if provider not in ("auto", "cpu", "cuda"):
         raise ValueError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}.")
+    if provider != "cpu":
+        _load_cuda_libraries()
+    import onnxruntime as ort
+
     if provider == "cpu":
         return ort.InferenceSession(data, sess_options=options, providers=[PROVIDERS["cpu"]]), "cpu", None
     available = ort.get_available_providers()
@@ -277,6 +322,10 @@ class OnnxClusterAssigner:
         intra_op_threads: onnxruntime intra-op threads; 0 is onnxruntime's own default (one per physical core).
         verify_key: a secret key file (or the key as bytes): refuse the file unless it is signed with this key
             (:class:`AssignerSignatureError`). Without it only the integrity digest is checked.
+        nonfinite: ``"raise"`` (default): an input with NaN/inf raises :class:`DataError` naming the rows;
+            ``"flag"``: such rows get the graph's safe answer (``label`` -1, ``confidence`` 0, ``q`` zeros,
+            ``in_domain`` False) and the others their labels. ``"flag"`` needs a file with the ``in_domain``
+            output (files exported before it give no safe answer).
 
     Attributes:
         provider: ``"cuda"`` or ``"cpu"``, the provider that actually runs.
@@ -284,30 +333,45 @@ class OnnxClusterAssigner:
         metadata: the file's metadata (strings).
         input_name: ``"u"`` (head export) or ``"x"`` (full export).
         input_shape: the graph input's shape without the batch axis.
+        has_in_domain: whether the file has the ``in_domain`` output (False for files exported before it).
+        in_domain_threshold: the squared u-distance to the nearest center up to which a row is in_domain (inf
+            when the export had no training data; None without ``in_domain``).
         n_clusters, latent_dim, export_kind, fp16, normalization (dict with numpy ``offset``/``scale``).
 
     Shapes:
         input: ``u`` (N, d) or ``x`` (N, *sample_shape); (N, H, W) too when sample_shape is (1, H, W).
-        output: :class:`AssignResult` ``q`` (N, K) float32, ``label`` (N,) int64, ``confidence`` (N,) float32.
+        output: :class:`AssignResult` ``q`` (N, K) float32, ``label`` (N,) int64, ``confidence`` (N,) float32,
+        ``in_domain`` (N,) bool (None for a file without that output).
 
     Example:
         >>> assigner = OnnxClusterAssigner("assigner.onnx", provider="cpu")
         >>> result = assigner(np.random.rand(5, 1, 8, 8).astype(np.float32) * 16)
-        >>> result.label.shape, result.q.sum(1)       # (5,), ~1
+        >>> result.label.shape, result.q.sum(1), result.in_domain       # (5,), ~1, (5,) bool
     """
 
     def __init__(self, path: Union[str, os.PathLike], provider: str = "auto", batch_size: int = 65536,
                  device_id: int = 0, intra_op_threads: int = 0,
-                 verify_key: Union[str, os.PathLike, bytes, None] = None) -> None:
-        import onnxruntime as ort
-
+                 verify_key: Union[str, os.PathLike, bytes, None] = None, nonfinite: str = "raise") -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be 'raise' or 'flag', got {nonfinite!r}.")
         self.path = os.fspath(path)
         self.batch_size = int(batch_size)
         self.device_id = int(device_id)
+        self.nonfinite = nonfinite
         data, self.metadata = read_assigner(self.path, verify_key=verify_key)
         self.signature_verified = verify_key is not None
+        self._read_metadata()
+        if nonfinite == "flag" and not self.has_in_domain:
+            raise ValueError(f"nonfinite='flag' needs an assigner that answers NaN/inf rows itself; {self.path!r} "
+                             "was exported before that (no in_domain output). Export it again, or use "
+                             "nonfinite='raise'.")
+        self._open_session(data, provider, int(intra_op_threads))
+        self._outputs = list(OUTPUT_NAMES if self.has_in_domain else LEGACY_OUTPUT_NAMES)
+
+    def _read_metadata(self) -> None:
+        """The attributes that describe the model, from :attr:`metadata` (:class:`AssignerFileError` if unreadable)."""
         meta = self.metadata
         try:
             self.input_name: str = meta["input_name"]
@@ -323,11 +387,21 @@ class OnnxClusterAssigner:
                 "offset": np.asarray(norm["offset"], dtype=np.float32).reshape(norm["offset_shape"]),
                 "scale": np.asarray(norm["scale"], dtype=np.float32).reshape(norm["scale_shape"]),
             }
+            self.has_in_domain = meta["outputs"].split(",") == list(OUTPUT_NAMES)
+            self.in_domain_threshold: Optional[float] = (float(meta["in_domain_threshold"]) if self.has_in_domain
+                                                         else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise AssignerFileError(f"{self.path!r} has unreadable dcss metadata ({exc}); export it again.") from exc
+
+    def _open_session(self, data: bytes, provider: str, intra_op_threads: int) -> None:
+        """The onnxruntime session on the provider that really runs; sets :attr:`provider` and the fallback reason."""
+        if provider in ("auto", "cuda"):
+            _load_cuda_libraries()  # before onnxruntime, as create_session does
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = int(intra_op_threads)
+        options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3  # errors only; provider fallbacks are reported by us
         try:
             self._session, self.provider, why = create_session(data, provider, self.device_id, options)
@@ -343,7 +417,6 @@ class OnnxClusterAssigner:
             log.info("onnxruntime: CUDA not used (%s)", why)
         self.fallback_reason = why
         log.info("onnxruntime provider: %s (%s) for %s", self.provider, PROVIDERS[self.provider], self.path)
-        self._outputs = list(OUTPUT_NAMES)
 
     def __repr__(self) -> str:
         return (f"OnnxClusterAssigner({self.path!r}, kind={self.export_kind}, input={self.input_name} "
@@ -375,13 +448,17 @@ class OnnxClusterAssigner:
         return False
 
     def _bad_rows(self, finite_rows: np.ndarray) -> None:
+        """Raise :class:`DataError` naming the rows with NaN/inf (``nonfinite="raise"``); with ``"flag"`` the
+        graph answers them (label -1)."""
         rows = np.flatnonzero(~finite_rows)
-        if rows.size:
+        if rows.size and self.nonfinite == "raise":
             raise DataError(f"{self.input_name} contains NaN or inf in {rows.size} row(s) (first: "
-                            f"{rows[:5].tolist()}); drop or impute those rows first.")
+                            f"{rows[:5].tolist()}); drop or impute those rows first, or create the assigner with "
+                            "nonfinite='flag' to get label -1 for them.")
 
     def _prepare_numpy(self, x: Any) -> np.ndarray:
-        if isinstance(x, torch.Tensor):
+        torch = _torch()
+        if torch is not None and isinstance(x, torch.Tensor):
             x = x.detach().cpu()
             if x.dtype in (torch.bfloat16, torch.float16):
                 x = x.float()
@@ -402,7 +479,8 @@ class OnnxClusterAssigner:
             self._bad_rows(np.isfinite(arr.reshape(len(arr), -1)).all(1))
         return arr
 
-    def _prepare_cuda(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare_cuda(self, x: "torch.Tensor") -> "torch.Tensor":
+        torch = _torch()
         if x.is_complex():
             raise DataError(f"{self.input_name} must be real-valued; got complex dtype {x.dtype}.")
         if self._check_shape(tuple(x.shape)):
@@ -417,16 +495,16 @@ class OnnxClusterAssigner:
         n, bs = len(x), self.batch_size
         if 0 < n <= bs:
             return AssignResult(*self._session.run(self._outputs, {self.input_name: x}))
-        q = np.empty((n, self.n_clusters), np.float32)
-        label = np.empty((n,), np.int64)
-        confidence = np.empty((n,), np.float32)
+        shapes = {"q": (n, self.n_clusters)}
+        outs = [np.empty(shapes.get(name, (n,)), _DTYPES[name]) for name in self._outputs]
         for i in range(0, n, bs):
-            q[i:i + bs], label[i:i + bs], confidence[i:i + bs] = self._session.run(
-                self._outputs, {self.input_name: x[i:i + bs]})
-        return AssignResult(q, label, confidence)
+            for out, part in zip(outs, self._session.run(self._outputs, {self.input_name: x[i:i + bs]})):
+                out[i:i + bs] = part
+        return AssignResult(*outs)
 
-    def _run_cuda(self, x: torch.Tensor) -> AssignResult:
+    def _run_cuda(self, x: "torch.Tensor") -> AssignResult:
         """IOBinding: onnxruntime reads ``x``'s device memory and writes into preallocated CUDA tensors."""
+        torch = _torch()
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
         if index != self.device_id:
             raise ValueError(f"The input is on cuda:{index} but this session runs on cuda:{self.device_id}; move "
@@ -434,41 +512,49 @@ class OnnxClusterAssigner:
         torch.cuda.current_stream(x.device).synchronize()  # x is fully written before onnxruntime's stream reads it
         return self._run_bound(x, "cuda", index)
 
-    def _run_bound(self, x: torch.Tensor, device_type: str, device_id: int) -> AssignResult:
+    def _empty_tensors(self, n: int, device: Any) -> List[Any]:
+        """Uninitialised output tensors for ``n`` rows on ``device``, one per output of the file."""
+        torch = _torch()
+        dtypes = {"q": torch.float32, "label": torch.int64, "confidence": torch.float32, "in_domain": torch.bool}
+        return [torch.empty((n, self.n_clusters) if name == "q" else (n,), dtype=dtypes[name], device=device)
+                for name in self._outputs]
+
+    def _run_bound(self, x: "torch.Tensor", device_type: str, device_id: int) -> AssignResult:
         """Run on a contiguous float32 tensor through IOBinding, outputs written into tensors on ``x.device``.
 
         Neither the input nor the outputs leave the device: onnxruntime is handed raw pointers (``data_ptr``).
         """
         n, bs = len(x), self.batch_size
-        q = torch.empty((n, self.n_clusters), dtype=torch.float32, device=x.device)
-        label = torch.empty((n,), dtype=torch.int64, device=x.device)
-        confidence = torch.empty((n,), dtype=torch.float32, device=x.device)
+        outs = self._empty_tensors(n, x.device)
         for i in range(0, n, bs):
             xb = x[i:i + bs]  # rows of a contiguous tensor: contiguous
             binding = self._session.io_binding()
             binding.bind_input(self.input_name, device_type, device_id, np.float32, tuple(xb.shape), xb.data_ptr())
-            for name, out, dtype in zip(OUTPUT_NAMES, (q, label, confidence), (np.float32, np.int64, np.float32)):
+            for name, out in zip(self._outputs, outs):
                 part = out[i:i + bs]
-                binding.bind_output(name, device_type, device_id, dtype, tuple(part.shape), part.data_ptr())
+                binding.bind_output(name, device_type, device_id, _DTYPES[name], tuple(part.shape), part.data_ptr())
             binding.synchronize_inputs()
             self._session.run_with_iobinding(binding)
             binding.synchronize_outputs()
-        return AssignResult(q, label, confidence)
+        return AssignResult(*outs)
 
     def assign(self, x: Any) -> AssignResult:
-        """Soft assignments, labels and confidences for ``x`` (numpy array or torch tensor).
+        """Soft assignments, labels, confidences and in-domain flags for ``x`` (numpy array or torch tensor).
 
         Raises:
-            DataError: wrong rank or sample shape, non-numeric or complex dtype, NaN or inf.
+            DataError: wrong rank or sample shape, non-numeric or complex dtype, NaN or inf (the last only with
+                ``nonfinite="raise"``, the default).
         """
-        if isinstance(x, torch.Tensor) and x.is_cuda and self.provider == "cuda":
+        torch = _torch()
+        if torch is not None and isinstance(x, torch.Tensor) and x.is_cuda and self.provider == "cuda":
             xc = self._prepare_cuda(x)
             if len(xc) == 0:
-                return self._empty(xc.device)
+                return AssignResult(*self._empty_tensors(0, xc.device))
             return self._run_cuda(xc)
         arr = self._prepare_numpy(x)
         if len(arr) == 0:
-            return self._empty(None)
+            return AssignResult(*(np.empty((0, self.n_clusters) if name == "q" else (0,), _DTYPES[name])
+                                  for name in self._outputs))
         return self._run_numpy(arr)
 
     __call__ = assign
@@ -476,14 +562,6 @@ class OnnxClusterAssigner:
     def predict(self, x: Any) -> Any:
         """Cluster of each row, (N,) int64."""
         return self.assign(x).label
-
-    def _empty(self, device: Optional[torch.device]) -> AssignResult:
-        if device is not None:
-            return AssignResult(torch.empty((0, self.n_clusters), dtype=torch.float32, device=device),
-                                torch.empty((0,), dtype=torch.int64, device=device),
-                                torch.empty((0,), dtype=torch.float32, device=device))
-        return AssignResult(np.empty((0, self.n_clusters), np.float32), np.empty((0,), np.int64),
-                            np.empty((0,), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -114,7 +114,7 @@ def test_unknown_dataset_suggests_and_missing_files_say_how(tmp_path, capsys):
     assert main(["fit", "--dataset", "mnist", "--data-root", str(tmp_path), "--clusters", "10",
                  "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "not found" in err and "download" in err
+    assert "No mnist IDX files" in err and "train-images-idx3-ubyte" in err and "download" in err
 
 
 def test_console_script_runs(tmp_path):

@@ -260,9 +260,10 @@ def test_file_is_checked_self_contained_with_dynamic_batch(files, key):
                    for t in proto.graph.initializer)
     (inp,) = proto.graph.input
     assert inp.name == ("u" if key[1] == "head" else "x") and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert [o.name for o in proto.graph.output] == ["q", "label", "confidence"]
+    assert [o.name for o in proto.graph.output] == ["q", "label", "confidence", "in_domain"]
     elem = {o.name: o.type.tensor_type.elem_type for o in proto.graph.output}
-    assert elem == {"q": onnx.TensorProto.FLOAT, "label": onnx.TensorProto.INT64, "confidence": onnx.TensorProto.FLOAT}
+    assert elem == {"q": onnx.TensorProto.FLOAT, "label": onnx.TensorProto.INT64, "confidence": onnx.TensorProto.FLOAT,
+                    "in_domain": onnx.TensorProto.BOOL}
     for value in [inp, *proto.graph.output]:
         first = value.type.tensor_type.shape.dim[0]
         assert first.dim_param and not first.HasField("dim_value")  # symbolic batch axis

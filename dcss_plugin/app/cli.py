@@ -127,7 +127,8 @@ def _kmeans_baseline(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     from sklearn.cluster import KMeans
 
     flat = x.reshape(len(x), -1).astype(np.float64)
-    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(flat).astype(np.int64)
+    n_init = 10 if len(flat) <= 20000 else 3  # 10 restarts on 70,000 MNIST images took 90 s, a fifth of the fit
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(flat).astype(np.int64)
 
 
 def _load_inputs(args: argparse.Namespace):
@@ -358,6 +359,7 @@ def _fit_and_write(args: argparse.Namespace, x: Any, y: Optional[np.ndarray], so
         "seed": args.seed,
         "config": model.config_.to_dict(),
         "device": h["device"],
+        "threads": h.get("threads"),
         "processes": world_size(),
         "epochs": h["epochs"],
         "timings_s": {**{k: round(v, 3) for k, v in h["time_s"].items()}, "fit_total": round(fit_s, 3)},
