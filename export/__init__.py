@@ -14,6 +14,9 @@
   runs, and binds CUDA tensors without a host copy. It needs numpy and onnxruntime only (torch is optional).
 * :mod:`dcss_plugin.export.format`: the file format shared by both (names, metadata keys, digest, signature);
   torch-free.
+* :mod:`dcss_plugin.export.triton`: ``write_triton_repository(model, repo, name="dcss", max_batch=1024,
+  kind="gpu")`` writes ``REPO/NAME/config.pbtxt`` + ``REPO/NAME/1/model.onnx`` for ``tritonserver``; torch-free.
+  The HTTP service of the same model is ``dcss serve`` (:mod:`dcss_plugin.app.serve`); see ``docs/deploy.md``.
 
 onnx and onnxruntime are imported by those submodules, not here, so ``import dcss_plugin.export`` stays light.
 The export reads only the model's public parts; ``dcss_plugin`` itself never imports this package. The assign
@@ -25,3 +28,14 @@ Example:
     >>> export_assigner("runs/digits", "runs/digits/assigner.onnx", full=True)
     >>> OnnxClusterAssigner("runs/digits/assigner.onnx")(x).label       # x: (N, 8, 8) or (N, 1, 8, 8)
 """
+
+__all__ = ["write_triton_repository"]
+
+
+def __getattr__(name: str):
+    """``write_triton_repository`` on first use (PEP 562), so that ``import dcss_plugin.export`` loads nothing."""
+    if name == "write_triton_repository":
+        from .triton import write_triton_repository
+
+        return write_triton_repository
+    raise AttributeError(f"module 'dcss_plugin.export' has no attribute {name!r}")

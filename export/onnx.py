@@ -746,18 +746,45 @@ def export_assigner(model: Union[DCSSModel, DCSS, str, os.PathLike], path: Union
 
 
 def export_from_cli(args: Any) -> int:
-    """``dcss export RUN_DIR [--full] [--fp16] [--sign-key KEY] --out FILE.onnx``: returns the exit status."""
+    """``dcss export RUN_DIR [--full] [--fp16] [--sign-key KEY] [--out FILE.onnx] [--triton REPO [--name NAME]
+    [--max-batch N] [--kind gpu|cpu]]``: returns the exit status.
+
+    With ``--triton`` the exported bytes also go into a Triton model repository
+    (:func:`~dcss_plugin.export.triton.write_triton_repository`); ``--out`` may then be left out.
+    """
+    import tempfile
+
+    from .triton import DEFAULT_MAX_BATCH, DEFAULT_NAME, write_triton_repository
+
     sign_key = getattr(args, "sign_key", None)
-    if sign_key and os.path.abspath(os.fspath(args.out)) == os.path.abspath(os.fspath(sign_key)):
-        raise ValueError(f"--out {args.out!r} is the --sign-key file; writing there would destroy the key.")
-    with warnings.catch_warnings(record=True) as caught:
+    out_arg = getattr(args, "out", None)
+    triton = getattr(args, "triton", None)
+    name = getattr(args, "name", None) or DEFAULT_NAME
+    if out_arg is None and not triton:
+        raise ValueError("give --out FILE.onnx, --triton REPO, or both.")
+    if out_arg and sign_key and os.path.abspath(os.fspath(out_arg)) == os.path.abspath(os.fspath(sign_key)):
+        raise ValueError(f"--out {out_arg!r} is the --sign-key file; writing there would destroy the key.")
+    if triton:  # refuse before the work, as for --out
+        target = os.path.join(os.fspath(triton), name)
+        if os.path.lexists(target) and not getattr(args, "overwrite", False):
+            raise ValueError(f"--triton: {target!r} already exists; nothing was written. Give another --name or "
+                             "REPO, or add --overwrite to replace that model.")
+    with tempfile.TemporaryDirectory(prefix="dcss-export-") as scratch, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        out = export_assigner(args.run_dir, args.out, full=bool(args.full), fp16=bool(args.fp16), sign_key=sign_key)
+        path = out_arg if out_arg else os.path.join(scratch, "model.onnx")
+        out = export_assigner(args.run_dir, path, full=bool(args.full), fp16=bool(args.fp16), sign_key=sign_key)
+        folder = None
+        if triton:
+            folder = write_triton_repository(out, triton, name, getattr(args, "max_batch", None) or DEFAULT_MAX_BATCH,
+                                             getattr(args, "kind", None) or "gpu",
+                                             overwrite=bool(getattr(args, "overwrite", False)))
+        size = os.path.getsize(out)
     for w in caught:
         print(f"dcss export: warning: {w.message}", file=sys.stderr)
-    size = os.path.getsize(out)
     model_kind = "full (x -> q)" if args.full else "head (u -> q)"
     signed = ", signed (HMAC-SHA256)" if sign_key else ""
+    wrote = ", ".join(([out] if out_arg else [])
+                      + ([f"{folder}/config.pbtxt + {folder}/1/model.onnx (Triton)"] if folder else []))
     print(f"dcss export: {model_kind} assigner, {'fp16' if args.fp16 else 'fp32'}{signed}, {size / 1024:.0f} KiB; "
-          f"wrote {out}")
+          f"wrote {wrote}")
     return 0

@@ -1,10 +1,12 @@
-"""The ``dcss`` command: ``fit``, ``report``, ``export``, ``assign``.
+"""The ``dcss`` command: ``fit``, ``report``, ``export``, ``assign``, ``serve``.
 
     dcss fit --dataset digits --clusters 10 --seed 0 --out runs/digits
     dcss fit --data X.npy [--labels y.npy] --clusters K --seed S --out DIR      # also .csv, .pt
     dcss report DIR
     dcss export DIR [--full] [--fp16] --out DIR/assigner.onnx
     dcss assign DIR/assigner.onnx --data X.npy --out labels.npy [--provider auto|cpu|cuda]
+    dcss export DIR --full --triton REPO [--name NAME]       # REPO/NAME/config.pbtxt + REPO/NAME/1/model.onnx
+    dcss serve DIR/assigner.onnx [--host 127.0.0.1] [--port 8000]   # GET /health, /metadata; POST /v1/assign
 
 ``dcss fit``'s flags for the DCSS settings (``--m``, ``--T2-min-steps``, ...) are made from the declarations in
 :data:`dcss_plugin.config.OPTIONS`: one flag per option, with its type, allowed values and help, checked by the same
@@ -413,8 +415,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CLIError(f"ONNX export is unavailable: {exc}") from exc
     run = args.run_dir
     checkpoint = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
-    _check_output_file(args.out, {"RUN_DIR": run, "its checkpoint": checkpoint,
-                                  "--sign-key": getattr(args, "sign_key", None)}, getattr(args, "overwrite", False))
+    if args.out is None and args.triton is None:
+        raise CLIError("give --out FILE.onnx, --triton REPO, or both.")
+    if args.out is not None:
+        _check_output_file(args.out, {"RUN_DIR": run, "its checkpoint": checkpoint,
+                                      "--sign-key": getattr(args, "sign_key", None)}, getattr(args, "overwrite", False))
+    if args.triton is not None:
+        _check_out_path(args.triton, "--triton")
     return export_from_cli(args)
 
 
@@ -426,6 +433,14 @@ def cmd_assign(args: argparse.Namespace) -> int:
     _check_output_file(args.out, {"MODEL": args.model, "--data": args.data,
                                   "--verify-key": getattr(args, "verify_key", None)}, getattr(args, "overwrite", False))
     return assign_from_cli(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from dcss_plugin.app.serve import serve_from_cli
+    except ImportError as exc:
+        raise CLIError(f"dcss serve needs fastapi and uvicorn ({exc}); pip install fastapi uvicorn") from exc
+    return serve_from_cli(args)
 
 
 def _positive_int(text: str) -> int:
@@ -573,11 +588,20 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run_dir")
     exp.add_argument("--full", action="store_true", help="encoder + head (input x) instead of head only (input u)")
     exp.add_argument("--fp16", action="store_true")
-    exp.add_argument("--out", required=True)
-    exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input file)")
+    exp.add_argument("--out", default=None, help="the .onnx file to write (may be left out with --triton)")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace --out (never an input file) or the Triton model folder if it exists")
     exp.add_argument("--sign-key", metavar="KEY_FILE", default=None,
                      help="sign the model with HMAC-SHA256 using this secret key file (at least 16 bytes); "
                           "load it with `dcss assign --verify-key KEY_FILE`")
+    tri = exp.add_argument_group("Triton model repository (see dcss_plugin.export.triton)")
+    tri.add_argument("--triton", metavar="REPO", default=None,
+                     help="also write REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx for tritonserver")
+    tri.add_argument("--name", default="dcss", help="the model's name and folder in REPO (default dcss)")
+    tri.add_argument("--max-batch", type=_positive_int, default=1024,
+                     help="Triton max_batch_size: rows per merged batch (default 1024)")
+    tri.add_argument("--kind", choices=["gpu", "cpu"], default="gpu",
+                     help="instance_group kind: KIND_GPU (default) or KIND_CPU")
     exp.set_defaults(func=cmd_export)
 
     asg = sub.add_parser("assign", help="assign clusters with an exported ONNX model (onnxruntime)")
@@ -590,6 +614,19 @@ def build_parser() -> argparse.ArgumentParser:
     asg.add_argument("--verify-key", metavar="KEY_FILE", default=None,
                      help="refuse the model unless it is signed with this secret key file (dcss export --sign-key)")
     asg.set_defaults(func=cmd_assign)
+
+    srv = sub.add_parser("serve", help="serve an exported ONNX model over HTTP (FastAPI + uvicorn, no torch)")
+    srv.add_argument("model")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    srv.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    srv.add_argument("--verify-key", metavar="KEY_FILE", default=None,
+                     help="refuse the model unless it is signed with this secret key file (dcss export --sign-key)")
+    srv.add_argument("--max-batch-rows", type=_positive_int, default=65536,
+                     help="rows merged into one onnxruntime call at most (default 65536)")
+    srv.add_argument("--max-wait-ms", type=float, default=2.0,
+                     help="how long the batcher waits for more requests before running (default 2 ms)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -598,7 +635,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s")
-    from dcss_plugin.data import DataError
+    from dcss_plugin.errors import DataError  # = dcss_plugin.data.DataError, without importing torch (dcss serve)
 
     try:
         return int(args.func(args) or 0)
