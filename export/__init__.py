@@ -16,7 +16,7 @@
   torch-free.
 * :mod:`dcss_plugin.export.triton`: ``write_triton_repository(model, repo, name="dcss", max_batch=1024,
   kind="gpu")`` writes ``REPO/NAME/config.pbtxt`` + ``REPO/NAME/1/model.onnx`` for ``tritonserver``; torch-free.
-  The HTTP service of the same model is ``dcss serve`` (:mod:`dcss_plugin.app.serve`); see ``docs/deploy.md``.
+  The HTTP service of the same model is ``dcss serve`` (:mod:`dcss_plugin.export.serve`); see ``docs/deploy.md``.
 
 onnx and onnxruntime are imported by those submodules, not here, so ``import dcss_plugin.export`` stays light.
 The export reads only the model's public parts; ``dcss_plugin`` itself never imports this package. The assign

@@ -21,7 +21,7 @@ pytest.importorskip("httpx")  # FastAPI's TestClient
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from dcss_plugin.app.serve import create_app  # noqa: E402
+from dcss_plugin.export.serve import create_app  # noqa: E402
 from dcss_plugin.export.runtime import OnnxClusterAssigner  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

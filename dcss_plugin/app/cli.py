@@ -437,7 +437,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from dcss_plugin.app.serve import serve_from_cli
+        from dcss_plugin.export.serve import serve_from_cli
     except ImportError as exc:
         raise CLIError(f"dcss serve needs fastapi and uvicorn ({exc}); pip install fastapi uvicorn") from exc
     return serve_from_cli(args)
