@@ -184,23 +184,24 @@ def _fmt(v: Any) -> str:
 LARGE_IMAGE_SET = 4000
 
 # The values of the None-valued options (and of autoencoder="auto"), per preset; a preset whose values differ
-# between images (N, C, H, W) and vectors (N, F) holds {"images": {...}, "images_large": {...}, "vectors": {...}}. ``kmeans_init`` is derived afterwards (see
-# DCSSConfig.resolved); the epoch counts come from a step budget at fit time.
+# between images (N, C, H, W) and vectors (N, F) holds {"images": {...}, "images_large": {...}, "vectors": {...}}.
+# ``kmeans_init`` is derived afterwards (see DCSSConfig.resolved); the epoch counts come from a step budget at fit
+# time.
+_DEFAULT_IMAGES: Dict[str, Any] = {
+    "m": 1.2, "augment": True, "neighbors": 5, "T2_min_steps": 0, "balance_weight": 5.0,
+    "balance_tolerance": 0.0, "exclude_self": True, "pair_reduction": "balanced", "contrastive_weight": 1.0,
+    "neighbor_refresh": 50, "phase2_encoder_lr_factor": 0.1, "num_heads": 3,
+    "neighbor_embedding_weight": 0.0, "autoencoder": "conv", "mlp_hidden_dims": (500, 500, 2000),
+    "lr": 1e-3, "pretrain_min_epochs": 10,
+}
+
 PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {
-        "images": {
-            "m": 1.2, "augment": True, "neighbors": 5, "T2_min_steps": 0, "balance_weight": 5.0,
-            "balance_tolerance": 0.0, "exclude_self": True, "pair_reduction": "balanced", "contrastive_weight": 1.0,
-            "neighbor_refresh": 50, "phase2_encoder_lr_factor": 0.1, "num_heads": 3,
-            "neighbor_embedding_weight": 0.0, "autoencoder": "conv", "mlp_hidden_dims": (500, 500, 2000),
-            "lr": 1e-3, "pretrain_min_epochs": 10,
-        },
+        "images": _DEFAULT_IMAGES,
+        # large image sets: the small-image values, with an MLP trained with the neighbour-embedding term
         "images_large": {
-            "m": 1.2, "augment": True, "neighbors": 5, "T2_min_steps": 0, "balance_weight": 5.0,
-            "balance_tolerance": 0.0, "exclude_self": True, "pair_reduction": "balanced", "contrastive_weight": 0.0,
-            "neighbor_refresh": 50, "phase2_encoder_lr_factor": 0.1, "num_heads": 1,
-            "neighbor_embedding_weight": 1.0, "autoencoder": "mlp", "mlp_hidden_dims": (256, 256, 1024),
-            "lr": 3e-3, "pretrain_min_epochs": 20,
+            **_DEFAULT_IMAGES, "contrastive_weight": 0.0, "neighbor_embedding_weight": 1.0, "num_heads": 1,
+            "autoencoder": "mlp", "mlp_hidden_dims": (256, 256, 1024), "lr": 3e-3, "pretrain_min_epochs": 20,
         },
         "vectors": {
             "m": 1.2, "augment": True, "neighbors": 5, "T2_min_steps": 400, "balance_weight": 5.0,
