@@ -26,8 +26,6 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from .errors import describe_load_error
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_torch_save", "atomic_save_npy", "load_checkpoint",
@@ -151,6 +149,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (torch is imported here, so this module loads without it)."""
+    import torch
+
     _atomic(path, lambda fh: torch.save(obj, fh))
 
 
@@ -173,6 +174,8 @@ def load_checkpoint_any(path: str | os.PathLike, formats: tuple) -> Dict[str, An
     if not os.path.exists(path):
         raise FileNotFoundError(f"Checkpoint not found: {path!r}. Pass the run directory written by `dcss fit` "
                                 "or the checkpoint.pt inside it.")
+    import torch
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001

@@ -568,7 +568,7 @@ class OnnxClusterAssigner:
 def assign_from_cli(args: Any) -> int:
     """``dcss assign MODEL --data X.npy --out labels.npy [--provider auto|cpu|cuda] [--batch-size N]
     [--verify-key KEY]``."""
-    from dcss_plugin.data import load_array
+    from dcss_plugin.arrays import load_array
     from dcss_plugin.io import atomic_save_npy
 
     out = os.fspath(args.out)

@@ -243,3 +243,27 @@ def test_runtime_works_where_torch_cannot_be_imported(tmp_path, files, digits):
     np.testing.assert_array_equal(got["label"], here.label)
     np.testing.assert_array_equal(got["in_domain"], here.in_domain)
     np.testing.assert_array_equal(got["q"], here.q)
+
+
+ASSIGN_CLI = NO_TORCH + '''
+from dcss_plugin.app.cli import main
+code = main(["assign", sys.argv[1], "--data", sys.argv[2], "--out", sys.argv[3], "--provider", "cpu"])
+assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")], "torch was imported"
+raise SystemExit(code)
+'''
+
+
+@pytest.mark.parametrize("kind, ext", [("full", ".npy"), ("head", ".csv")])
+def test_dcss_assign_command_works_where_torch_cannot_be_imported(tmp_path, files, model, digits, kind, ext):
+    x = digits[:200] if kind == "full" else np.asarray(model.transform(digits[:200]), dtype=np.float32)
+    data = tmp_path / f"x{ext}"
+    if ext == ".npy":
+        np.save(data, x)
+    else:
+        np.savetxt(data, x, delimiter=",", fmt="%.9g")  # float32 values survive 9 significant digits
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", ASSIGN_CLI, files[kind], str(data), str(tmp_path / "labels.npy")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = OnnxClusterAssigner(files[kind], provider="cpu")(x).label
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), expected)
