@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,3 +15,25 @@ def torch_float32_one_thread():
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits(torch_float32_one_thread):
+    """scikit-learn's digits as (1797, 8, 8) float32 images, with float32 and one torch thread for the module (a
+    test module may define its own ``digits``)."""
+    from sklearn.datasets import load_digits
+
+    return load_digits().images.astype(np.float32)
+
+
+# Quality is irrelevant to the export tests; without augmentation and neighbour pairs the digits fit takes ~2 s.
+QUICK_FIT = dict(seed=0, verbose=False, pretrain_epochs=3, phase1_epochs=2, phase2_epochs=2, augment=False,
+                 neighbors=0)
+
+
+@pytest.fixture(scope="module")
+def quick_digits_model(digits):
+    """A DCSS fitted on the digits in ~2 s (3 / 2 / 2 epochs): for tests of what is done with a fitted model."""
+    from dcss_plugin import DCSS
+
+    return DCSS(n_clusters=10, **QUICK_FIT).fit(digits)

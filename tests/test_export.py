@@ -26,7 +26,7 @@ from dcss_plugin.export.runtime import (  # noqa: E402
     read_assigner,
 )
 
-# Quality is irrelevant here; without augmentation and neighbour pairs the digits fit takes ~2 s instead of ~8 s.
+# Quality is irrelevant here: short fits without augmentation or neighbour pairs (the digits one: conftest.py).
 FAST = dict(seed=0, verbose=False, pretrain_epochs=3, phase1_epochs=2, phase2_epochs=2, augment=False, neighbors=0)
 BATCHES = [1, 7, 4096]
 
@@ -37,15 +37,8 @@ def _torch_settings(torch_float32_one_thread):
 
 
 @pytest.fixture(scope="module")
-def digits(_torch_settings):
-    from sklearn.datasets import load_digits
-
-    return load_digits().images.astype(np.float32)  # (1797, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def digits_model(digits):
-    return DCSS(n_clusters=10, **FAST).fit(digits)
+def digits_model(quick_digits_model):
+    return quick_digits_model
 
 
 @pytest.fixture(scope="module")

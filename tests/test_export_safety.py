@@ -13,7 +13,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from dcss_plugin import DCSS, DataError  # noqa: E402
+from dcss_plugin import DataError  # noqa: E402
 from dcss_plugin.export.format import DIGEST_KEY, IN_DOMAIN_KEYS, metadata_digest  # noqa: E402
 from dcss_plugin.export.onnx import (  # noqa: E402
     DOMAIN_MARGIN,
@@ -23,8 +23,6 @@ from dcss_plugin.export.onnx import (  # noqa: E402
 )
 from dcss_plugin.export.runtime import AssignResult, OnnxClusterAssigner  # noqa: E402
 
-FAST = dict(seed=0, verbose=False, pretrain_epochs=3, phase1_epochs=2, phase2_epochs=2, augment=False, neighbors=0)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _torch_settings(torch_float32_one_thread):
@@ -32,15 +30,8 @@ def _torch_settings(torch_float32_one_thread):
 
 
 @pytest.fixture(scope="module")
-def digits(_torch_settings):
-    from sklearn.datasets import load_digits
-
-    return load_digits().images.astype(np.float32)  # (1797, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def model(digits):
-    return DCSS(n_clusters=10, **FAST).fit(digits)
+def model(quick_digits_model):
+    return quick_digits_model
 
 
 @pytest.fixture(scope="module")
