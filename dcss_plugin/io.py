@@ -28,8 +28,8 @@ from typing import Any, Dict, List, Optional
 
 from .errors import describe_load_error
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_torch_save", "atomic_save_npy", "load_checkpoint",
-           "load_checkpoint_any", "remove_stale_temp_files"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_torch_save", "atomic_save_npy", "current_umask",
+           "load_checkpoint", "load_checkpoint_any", "remove_stale_temp_files"]
 
 TMP_PREFIX = ".tmp-"
 #: A temporary file of another host is removed when it has not been modified for this long (seconds).
@@ -42,7 +42,7 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it where the OS tells it (Linux ``/proc/self/status``); else
     set and restored at once under a lock (``os.umask`` is process-wide: the lock keeps our own writers out of
     that window)."""
@@ -67,7 +67,7 @@ def _target_mode(path: str) -> int:
             return stat.S_IMODE(st.st_mode) & 0o777  # not set-id or sticky bits
     except OSError:
         pass
-    return 0o666 & ~_current_umask()
+    return 0o666 & ~current_umask()
 
 
 def _pid_alive(pid: int) -> bool:

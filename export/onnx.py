@@ -754,7 +754,7 @@ def export_from_cli(args: Any) -> int:
     """
     import tempfile
 
-    from .triton import DEFAULT_MAX_BATCH, DEFAULT_NAME, write_triton_repository
+    from .triton import DEFAULT_MAX_BATCH, DEFAULT_NAME, check_target, write_triton_repository
 
     sign_key = getattr(args, "sign_key", None)
     out_arg = getattr(args, "out", None)
@@ -765,10 +765,10 @@ def export_from_cli(args: Any) -> int:
     if out_arg and sign_key and os.path.abspath(os.fspath(out_arg)) == os.path.abspath(os.fspath(sign_key)):
         raise ValueError(f"--out {out_arg!r} is the --sign-key file; writing there would destroy the key.")
     if triton:  # refuse before the work, as for --out
-        target = os.path.join(os.fspath(triton), name)
-        if os.path.lexists(target) and not getattr(args, "overwrite", False):
-            raise ValueError(f"--triton: {target!r} already exists; nothing was written. Give another --name or "
-                             "REPO, or add --overwrite to replace that model.")
+        try:
+            check_target(triton, name, bool(getattr(args, "overwrite", False)))
+        except FileExistsError as exc:
+            raise ValueError(str(exc)) from None
     with tempfile.TemporaryDirectory(prefix="dcss-export-") as scratch, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         path = out_arg if out_arg else os.path.join(scratch, "model.onnx")

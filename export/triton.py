@@ -44,7 +44,8 @@ import shutil
 import tempfile
 from typing import Any, List, Sequence, Tuple, Union
 
-__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_NAME", "TRITON_DTYPES", "triton_config", "write_triton_repository"]
+__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_NAME", "TRITON_DTYPES", "check_target", "triton_config",
+           "write_triton_repository"]
 
 DEFAULT_NAME = "dcss"
 DEFAULT_MAX_BATCH = 1024
@@ -117,9 +118,16 @@ def triton_config(model_proto: Any, name: str = DEFAULT_NAME, max_batch: int = D
             + f"instance_group [\n  {{\n    kind: {KINDS[kind]}\n    count: 1\n  }}\n]\n")
 
 
-def _check_name(name: str) -> None:
+def check_target(repo: Union[str, os.PathLike], name: str, overwrite: bool = False) -> str:
+    """``REPO/NAME`` if a model may be written there: ``name`` is a plain folder name, and an existing ``REPO/NAME``
+    only with ``overwrite`` (``FileExistsError`` otherwise). Cheap, so callers check before the export's work."""
     if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name) or '"' in name:
         raise ValueError(f"--name {name!r} is not a usable model name: give a folder name such as 'dcss'.")
+    target = os.path.join(os.fspath(repo), name)
+    if os.path.lexists(target) and not overwrite:
+        raise FileExistsError(f"--triton: {target!r} already exists; nothing was written. Give another --name or "
+                              "REPO, or add --overwrite to replace that model.")
+    return target
 
 
 def write_triton_repository(model: Union[str, os.PathLike, bytes], repo: Union[str, os.PathLike],
@@ -145,7 +153,9 @@ def write_triton_repository(model: Union[str, os.PathLike, bytes], repo: Union[s
     """
     import onnx
 
-    _check_name(name)
+    from dcss_plugin.io import current_umask
+
+    target = check_target(repo, name, overwrite)
     if isinstance(model, (bytes, bytearray)):
         data = bytes(model)
     else:
@@ -157,10 +167,6 @@ def write_triton_repository(model: Union[str, os.PathLike, bytes], repo: Union[s
         raise ValueError(f"not a readable ONNX model ({exc}).") from exc
     config = triton_config(proto, name, max_batch, kind, queue_delay_us)
     repo = os.fspath(repo)
-    target = os.path.join(repo, name)
-    if os.path.lexists(target) and not overwrite:
-        raise FileExistsError(f"--triton: {target!r} already exists; nothing was written. Give another --name or "
-                              "REPO, or add --overwrite to replace that model.")
     if os.path.exists(repo) and not os.path.isdir(repo):
         raise ValueError(f"--triton {repo!r} is a file, not a folder.")
     os.makedirs(repo, exist_ok=True)
@@ -173,7 +179,7 @@ def write_triton_repository(model: Union[str, os.PathLike, bytes], repo: Union[s
                 fh.write(payload)
                 fh.flush()
                 os.fsync(fh.fileno())
-        os.chmod(work, 0o777 & ~_umask())
+        os.chmod(work, 0o777 & ~current_umask())
         old = None
         if os.path.lexists(target):
             old = tempfile.mkdtemp(prefix=f".old-{name}-", dir=repo)
@@ -192,8 +198,3 @@ def write_triton_repository(model: Union[str, os.PathLike, bytes], repo: Union[s
         raise
     return target
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

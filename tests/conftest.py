@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import QUICK_FIT
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +25,6 @@ def digits(torch_float32_one_thread):
     from sklearn.datasets import load_digits
 
     return load_digits().images.astype(np.float32)
-
-
-# Quality is irrelevant to the export tests; without augmentation and neighbour pairs the digits fit takes ~2 s.
-QUICK_FIT = dict(seed=0, verbose=False, pretrain_epochs=3, phase1_epochs=2, phase2_epochs=2, augment=False,
-                 neighbors=0)
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from dcss_plugin.app.cli import main
+from helpers import tiny
 
 FAST = ["--pretrain-epochs", "1", "--phase1-epochs", "2", "--phase2-epochs", "11", "--quiet", "--no-html"]
-
-
-def tiny(path, seed=0):
-    rng = np.random.default_rng(seed)
-    x = np.concatenate([rng.normal(m, 1.0, size=(20, 5)) for m in (-6, 0, 6)]).astype(np.float32)
-    np.save(path, x)
-    return path
 
 
 def fit_args(data, out, *extra):

@@ -25,9 +25,8 @@ from dcss_plugin.export.runtime import (  # noqa: E402
     ProviderUnavailableError,
     read_assigner,
 )
+from helpers import QUICK_FIT  # noqa: E402
 
-# Quality is irrelevant here: short fits without augmentation or neighbour pairs (the digits one: conftest.py).
-FAST = dict(seed=0, verbose=False, pretrain_epochs=3, phase1_epochs=2, phase2_epochs=2, augment=False, neighbors=0)
 BATCHES = [1, 7, 4096]
 
 
@@ -50,7 +49,7 @@ def vectors(_torch_settings):
 
 @pytest.fixture(scope="module")
 def vector_model(vectors):
-    return DCSS(n_clusters=4, mlp_hidden_dims=(64, 64), **FAST).fit(vectors)
+    return DCSS(n_clusters=4, mlp_hidden_dims=(64, 64), **QUICK_FIT).fit(vectors)
 
 
 @pytest.fixture(scope="module")

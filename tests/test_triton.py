@@ -12,6 +12,7 @@ pytest.importorskip("onnxruntime")
 
 from dcss_plugin.app.cli import main  # noqa: E402
 from dcss_plugin.export.triton import triton_config, write_triton_repository  # noqa: E402
+from helpers import tiny  # noqa: E402
 
 FAST = ["--pretrain-epochs", "1", "--phase1-epochs", "2", "--phase2-epochs", "2", "--quiet", "--no-html"]
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64",
@@ -58,13 +59,6 @@ def check_against_graph(config, onnx_path, max_batch, kind):
     assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds > 0
     assert len(config.instance_group) == 1 and config.instance_group[0].count == 1
     assert model_config_pb2.ModelInstanceGroup.Kind.Name(config.instance_group[0].kind) == f"KIND_{kind.upper()}"
-
-
-def tiny(path):
-    rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(m, 1.0, size=(20, 5)) for m in (-6, 0, 6)]).astype(np.float32)
-    np.save(path, x)
-    return path
 
 
 @pytest.fixture(scope="module")
